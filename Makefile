@@ -1,0 +1,41 @@
+# make run   — set up .venv and the data mirror, then rebuild the whole pipeline with `dvc repro`
+# make test  — the test suite (what CI runs)
+VENV := .venv
+PY := $(VENV)/bin/python
+# DVC stages call `python -m stages.X`: make them find the venv's python.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test setup data-mirror tensorboard clean-venv
+
+run: setup
+	dvc repro
+	@echo
+	dvc metrics show
+	@echo
+	@echo "Results: models/model.pt (model), models/export/ (state_dict, ONNX, model card),"
+	@echo "         metrics/*.json (dvc metrics show), metrics/*.csv (dvc plots show), logs/ (make tensorboard)."
+	@echo "Classify an image: $(PY) -m stages.predict IMAGE"
+
+test: setup
+	$(PY) -m pytest -q
+
+setup: $(VENV)/.installed data-mirror
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The offline copy of Fashion-MNIST: Debian's dataset-fashion-mnist, installed when apt is usable.
+data-mirror:
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	else echo "note: dataset-fashion-mnist is not installed and apt is not usable here;" \
+		"the download stage will try data.mirrors in params.yaml, then the official mirrors"; fi
+
+tensorboard: setup
+	tensorboard --logdir logs --host 127.0.0.1
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,40 @@
+"""The prepared data set on disk (data/prepared/): written by preprocess, read by every later stage."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stages.errors import PipelineError
+
+PREPARED_DIR = Path("data/prepared")
+SPLITS = ("train", "val", "test")
+
+
+def load_meta(folder: Path = PREPARED_DIR) -> dict:
+    path = Path(folder) / "meta.json"
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
+    return json.loads(path.read_text())
+
+
+def load_split(name: str, folder: Path = PREPARED_DIR, device: torch.device | str = "cpu"):
+    """(uint8 images N×C×H×W, int64 labels N) of one split, moved to `device`."""
+    path = Path(folder) / f"{name}.pt"
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
+    split = torch.load(path, weights_only=True)
+    return split["images"].to(device), split["labels"].to(device)
+
+
+def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """N×H×W or N×C×H×W uint8 -> N×C×size×size, zero-padded evenly (28 -> 32 pads 2 on each side)."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    h, w = images.shape[-2:]
+    if size < max(h, w):
+        raise PipelineError(f"preprocess.pad_to={size} is smaller than the images ({h}×{w})")
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(images, (left, size - w - left, top, size - h - top)).contiguous()

@@ -1,0 +1,108 @@
+"""Stage 5 — export: the trained model in forms other programs can load, each one checked.
+
+Writes models/export/state_dict.pt (the tutorial's "method 2": weights only, loadable with
+`torch.load(weights_only=True)`), models/export/model.onnx (verified against PyTorch with
+onnxruntime on real test images), models/export/MODEL_CARD.md, and metrics/export.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from stages.checkpoint import load_model
+from stages.data import load_split
+from stages.engine import make_normalizer
+from stages.errors import PipelineError, run
+from stages.files import atomic_path, torch_save, write_json, write_text
+from stages.params import flatten, load_params
+
+MODEL_PATH, EXPORT_DIR = Path("models/model.pt"), Path("models/export")
+METRICS_PATH, EVAL_PATH = Path("metrics/export.json"), Path("metrics/eval.json")
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
+    import onnx
+
+    with atomic_path(path) as tmp:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"],
+                                    output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+        program.save(str(tmp))
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+
+
+def onnx_max_abs_diff(path: Path, model: torch.nn.Module, images: torch.Tensor) -> float:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"image": images.numpy()})
+    with torch.inference_mode():
+        expected = model(images)
+    return float((torch.from_numpy(got) - expected).abs().max())
+
+
+def model_card(ckpt: dict, evaluation: dict, onnx_diff: float) -> str:
+    c, (h, w), (ph, pw) = ckpt["input"]["channels"], ckpt["input"]["size"], ckpt["input"]["pad_to"]
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt["params"]).items())
+    per_class = "\n".join(f"| {name} | {acc} |" for name, acc in evaluation.get("per_class_accuracy", {}).items())
+    return f"""# Model card: {ckpt['model']['name']} on {ckpt['dataset']}
+
+- Classes ({len(ckpt['classes'])}): {', '.join(ckpt['classes'])}
+- Trained for {ckpt['epoch']} epochs; validation accuracy {ckpt['val_metrics']['val_accuracy']:.4f}
+- Test accuracy {evaluation.get('test_accuracy')} on {evaluation.get('test_images')} images; test loss {evaluation.get('test_loss')}
+
+## Input format
+float32 tensor N×{c}×{ph}×{pw}: a {h}×{w} image ({'grayscale' if c == 1 else 'RGB'}, light object on a dark
+background for Fashion-MNIST) zero-padded to {ph}×{pw}, scaled to 0..1, then normalized per channel with
+mean {ckpt['normalization']['mean']} and std {ckpt['normalization']['std']}. Output: {len(ckpt['classes'])} logits.
+
+## Files
+- `state_dict.pt`: `stages.models.build_model({ckpt['model']})` then
+  `load_state_dict(torch.load("state_dict.pt", weights_only=True))`
+- `model.onnx`: input `image`, output `logits`, dynamic batch; max |ONNX − PyTorch| on test images: {onnx_diff:.2e}.
+  Metadata props hold `classes`, `mean`, `std`, `input`.
+- `../model.pt`: the full checkpoint; `python -m stages.predict IMAGE...` uses it.
+
+## Per-class test accuracy
+| class | accuracy |
+|---|---|
+{per_class}
+
+## Parameters
+| param | value |
+|---|---|
+{params}
+"""
+
+
+def main(args) -> None:
+    params = load_params()
+    cfg = params["export"]
+    model, ckpt = load_model(MODEL_PATH, "cpu")
+    images, _ = load_split("test")
+    check = make_normalizer(ckpt["normalization"]["mean"], ckpt["normalization"]["std"], torch.device("cpu"))(
+        images[: cfg["onnx_check_images"]]).contiguous()
+    torch_save(ckpt["state_dict"], EXPORT_DIR / "state_dict.pt")
+    onnx_path = EXPORT_DIR / "model.onnx"
+    export_onnx(model, check[:1], onnx_path, {"classes": ckpt["classes"], "input": ckpt["input"],
+                                              **ckpt["normalization"]})
+    diff = onnx_max_abs_diff(onnx_path, model, check)
+    if diff > cfg["onnx_atol"]:
+        onnx_path.unlink()
+        raise PipelineError(f"ONNX output differs from PyTorch by {diff:.2e} > export.onnx_atol={cfg['onnx_atol']}")
+    evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
+    write_text(EXPORT_DIR / "MODEL_CARD.md", model_card(ckpt, evaluation, diff))
+    write_json(METRICS_PATH, {"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
+                              "onnx_bytes": onnx_path.stat().st_size,
+                              "state_dict_bytes": (EXPORT_DIR / "state_dict.pt").stat().st_size})
+    print(f"wrote {EXPORT_DIR}/state_dict.pt, model.onnx (max abs diff {diff:.2e} on {len(check)} images), "
+          f"MODEL_CARD.md")
+
+
+if __name__ == "__main__":
+    run(main, description=__doc__.splitlines()[0])

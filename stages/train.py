@@ -1,0 +1,167 @@
+"""Stage 3 — train: the tutorial's training loop on the prepared tensors (CUDA when available).
+
+Writes models/model.pt (a self-describing model file), models/checkpoint.pt after every epoch (a rerun
+resumes from it when the settings still match), TensorBoard logs in logs/, metrics/train.json (final
+validation metrics), metrics/train_history.csv (per-epoch curves for `dvc plots`) and
+metrics/train_time.json (speed; kept apart so the other metrics files are identical across reruns).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from stages.checkpoint import FORMAT, load_checkpoint
+from stages.data import load_meta, load_split
+from stages.engine import evaluate, make_normalizer, resolve_device, train_one_epoch
+from stages.errors import run
+from stages.files import torch_save, write_json, write_text
+from stages.models import build_model, model_config
+from stages.params import load_params
+
+MODEL_PATH, CHECKPOINT_PATH = Path("models/model.pt"), Path("models/checkpoint.pt")
+LOG_DIR = Path("logs")
+METRICS_PATH, HISTORY_PATH = Path("metrics/train.json"), Path("metrics/train_history.csv")
+TIME_PATH = Path("metrics/train_time.json")
+EVAL_BATCH = 1000
+
+
+def fingerprint(params: dict, meta: dict) -> str:
+    """What a resumed run must share with the checkpoint: everything that shapes the weights except
+    the epoch count (constant lr, so more epochs continue the same run) and where/how it is logged."""
+    train = {k: v for k, v in params["train"].items() if k not in ("epochs", "device", "log_every")}
+    keyed = {"seed": params["seed"], "model": params["model"], "train": train, "data": meta["sha256"]}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
+def try_resume(path: Path, print_fn=print, expect: str = "", epochs: int = 0) -> dict | None:
+    """The checkpoint to continue from, or None (with the reason printed) to start over."""
+    if not path.exists():
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("fingerprint") != expect:
+        print_fn(f"{path} was trained with other settings or data: starting over")
+        return None
+    if ckpt["epoch"] >= epochs:
+        print_fn(f"{path} already has {ckpt['epoch']} epochs (asked for {epochs}): starting over")
+        return None
+    print_fn(f"resuming from {path} after epoch {ckpt['epoch']}")
+    return ckpt
+
+
+def fit(params: dict, meta: dict, data: dict, device: torch.device, writer=None, resume: dict | None = None,
+        save_checkpoint=None, print_fn=partial(print, flush=True)):
+    """Train the configured model; returns (model, history, checkpoint dict of the last epoch, seconds)."""
+    cfg = params["train"]
+    torch.manual_seed(params["seed"])
+    model = build_model(model_config(params["model"]["name"], meta["input_shape"], len(meta["classes"])))
+    model = model.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"])
+    loss_fn = nn.CrossEntropyLoss()
+    shuffle = torch.Generator().manual_seed(params["seed"])
+    normalize = make_normalizer(meta["mean"], meta["std"], device)
+    (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
+    history, start_epoch = [], 0
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        shuffle.set_state(resume["shuffle_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        history, start_epoch = list(resume["history"]), resume["epoch"]
+    steps_per_epoch = -(-len(train_y) // cfg["batch_size"])
+    epoch_seconds = []
+    for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
+        def on_step(step, loss, base=(epoch - 1) * steps_per_epoch):
+            if writer is not None and (base + step + 1) % cfg["log_every"] == 0:
+                writer.add_scalar("train/loss", loss.item(), base + step + 1)
+
+        began = time.perf_counter()
+        with tqdm(total=len(train_y), unit="img", desc=f"epoch {epoch}/{cfg['epochs']}", leave=False,
+                  disable=None, mininterval=1.0) as bar:
+            train_loss = train_one_epoch(model, optimizer, loss_fn, train_x, train_y, normalize,
+                                         cfg["batch_size"], shuffle, on_step, bar)
+        seconds = time.perf_counter() - began
+        val = evaluate(model, val_x, val_y, normalize, EVAL_BATCH)
+        epoch_seconds.append(seconds)
+        history.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
+                        "val_accuracy": round(val["accuracy"], 6)})
+        print_fn(f"epoch {epoch}/{cfg['epochs']}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
+                 f"val_acc {val['accuracy']:.4f}  {seconds:.1f}s  {len(train_y) / seconds:,.0f} img/s")
+        if writer is not None:
+            writer.add_scalar("val/loss", val["loss"], epoch)
+            writer.add_scalar("val/accuracy", val["accuracy"], epoch)
+            writer.add_scalar("train/epoch_loss", train_loss, epoch)
+        ckpt = {"format": FORMAT, "model": model_config(params["model"]["name"], meta["input_shape"],
+                                                        len(meta["classes"])),
+                "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                "epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
+                "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state()}
+        if save_checkpoint:
+            save_checkpoint(ckpt)
+    return model, history, ckpt, epoch_seconds
+
+
+def main(args) -> None:
+    params = load_params()
+    meta = load_meta()
+    device = resolve_device(params["train"]["device"])
+    data = {name: load_split(name, device=device) for name in ("train", "val")}
+    expect = fingerprint(params, meta)
+    resume = try_resume(CHECKPOINT_PATH, expect=expect, epochs=params["train"]["epochs"])
+    if resume is None:
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    steps = -(-len(data["train"][1]) // params["train"]["batch_size"])
+    writer = SummaryWriter(str(LOG_DIR), purge_step=resume["epoch"] * steps + 1 if resume else None)
+    print(f"training {params['model']['name']} on {device} ({torch.get_num_threads()} threads), "
+          f"{len(data['train'][1])} train / {len(data['val'][1])} val images")
+    if resume is None:
+        sample = data["train"][0][:64]
+        writer.add_images("train/batch", sample.float().div(255), 0)
+    model, history, last, epoch_seconds = fit(
+        params, meta, data, device, writer, resume,
+        save_checkpoint=lambda ckpt: torch_save({**ckpt, "fingerprint": expect}, CHECKPOINT_PATH))
+    if resume is None:
+        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            writer.add_graph(model, make_sample_input(meta, device))
+    writer.close()
+
+    final = {k: last[k] for k in ("format", "model", "state_dict", "epoch")}
+    final.update(classes=meta["classes"], normalization={"mean": meta["mean"], "std": meta["std"]},
+                 input={"channels": meta["input_shape"][0], "size": meta["source_size"],
+                        "pad_to": meta["input_shape"][1:]},
+                 params=params, dataset=meta["dataset"], val_metrics=history[-1])
+    torch_save(final, MODEL_PATH)
+    write_json(METRICS_PATH, {"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}})
+    buffer = io.StringIO()
+    csv_writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    csv_writer.writeheader()
+    csv_writer.writerows(history)
+    write_text(HISTORY_PATH, buffer.getvalue())
+    total = sum(epoch_seconds)
+    write_json(TIME_PATH, {"device": str(device), "threads": torch.get_num_threads(),
+                           "epochs_run": len(epoch_seconds), "seconds": round(total, 2),
+                           "images_per_s": round(len(data["train"][1]) * len(epoch_seconds) / total, 1)
+                           if total else None})
+    print(f"wrote {MODEL_PATH} (val accuracy {history[-1]['val_accuracy']:.4f}), {METRICS_PATH}, logs in {LOG_DIR}/")
+
+
+def make_sample_input(meta: dict, device) -> torch.Tensor:
+    return torch.zeros(1, *meta["input_shape"], device=device).contiguous(memory_format=torch.channels_last)
+
+
+if __name__ == "__main__":
+    run(main, description=__doc__.splitlines()[0])

@@ -1,0 +1,75 @@
+"""params.yaml checking: every bad value is one clear line, raised before any work is done."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_params, run_stage, write_params
+from stages.params import ParamsError, flatten, load_params, validate
+
+
+def test_committed_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params["train"]["lr"] == 0.01 and params["train"]["batch_size"] == 64
+    assert params["train"]["epochs"] == 10 and params["model"]["name"] == "cifar10_quick"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": {"lrr": 0.1}}, "unknown key train.lrr; did you mean 'lr'?"),
+    ({"trian": {}}, "unknown key trian; did you mean 'train'?"),
+    ({"train": {"lr": "1e-3"}}, "write numbers like 1.0e-3"),
+    ({"train": {"lr": -0.1}}, "train.lr must be > 0, got -0.1"),
+    ({"train": {"lr": 0}}, "train.lr must be > 0"),
+    ({"train": {"epochs": 0}}, "train.epochs must be >= 1, got 0"),
+    ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
+    ({"train": {"batch_size": True}}, "train.batch_size must be an integer, got bool"),
+    ({"train": {"device": "tpu"}}, "train.device must be one of auto, cpu, cuda or cuda:N"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset must be one of fashion_mnist; got 'imagenet'"),
+    ({"model": {"name": "vgg99"}}, "model.name must be one of cifar10_quick; got 'vgg99'"),
+    ({"data": {"mirrors": "/tmp"}}, "data.mirrors must be a list"),
+    ({"preprocess": {"val_size": -1}}, "preprocess.val_size must be >= 1"),
+])
+def test_bad_values_are_named_with_what_is_allowed(overrides, message):
+    with pytest.raises(ParamsError) as info:
+        validate(make_params(overrides))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_key_and_non_mapping():
+    params = make_params()
+    del params["train"]["lr"]
+    with pytest.raises(ParamsError, match="missing key train.lr"):
+        validate(params)
+    with pytest.raises(ParamsError, match="train must be a mapping"):
+        validate({**make_params(), "train": [1, 2]})
+
+
+def test_integers_are_accepted_where_floats_are_expected():
+    assert validate(make_params({"train": {"lr": 1}}))["train"]["lr"] == 1.0
+
+
+def test_unreadable_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_flatten():
+    assert flatten({"seed": 0, "train": {"lr": 0.1}}) == {"seed": 0, "train.lr": 0.1}
+
+
+@pytest.mark.parametrize("stage", ["download", "train"])
+def test_stage_refuses_bad_params_before_touching_anything(tmp_path, stage):
+    write_params(tmp_path)
+    text = (tmp_path / "params.yaml").read_text().replace("lr: 0.01", "lr: 1e-2")
+    (tmp_path / "params.yaml").write_text(text)
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-2"
+    result = run_stage(tmp_path, stage)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: train.lr must be a number, got str '1e-2' (YAML read '1e-2' as text; "
+        "write numbers like 1.0e-3 with a dot and a signed exponent)"]
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["params.yaml"]

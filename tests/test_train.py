@@ -1,0 +1,104 @@
+"""The train stage: outputs, learning, resume, and the metrics files that dvc reads."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import make_params, run_stage
+from stages.checkpoint import FORMAT, load_checkpoint
+from stages.data import load_meta, load_split
+from stages.engine import resolve_device
+from stages.errors import PipelineError
+from stages.train import fingerprint, fit, try_resume
+
+
+def test_train_outputs(trained_project):
+    model = torch.load(trained_project / "models/model.pt", weights_only=True)
+    assert model["format"] == FORMAT and model["epoch"] == 1
+    assert model["model"] == {"name": "cifar10_quick", "in_channels": 1, "input_size": [32, 32], "num_classes": 10}
+    assert model["classes"][9] == "Ankle boot" and len(model["normalization"]["mean"]) == 1
+    assert model["input"] == {"channels": 1, "size": [28, 28], "pad_to": [32, 32]}
+    assert model["params"]["train"]["lr"] == 0.01 and "optimizer" not in model
+
+    metrics = json.loads((trained_project / "metrics/train.json").read_text())
+    assert set(metrics) == {"epochs", "train_loss", "val_loss", "val_accuracy"}
+    assert 0 <= metrics["val_accuracy"] <= 1 and metrics["epochs"] == 1
+    rows = list(csv.DictReader((trained_project / "metrics/train_history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["val_accuracy"]) == metrics["val_accuracy"]
+    speed = json.loads((trained_project / "metrics/train_time.json").read_text())
+    assert speed["device"] == "cpu" and speed["images_per_s"] > 0
+
+    checkpoint = load_checkpoint(trained_project / "models/checkpoint.pt")
+    assert checkpoint["epoch"] == 1 and "optimizer" in checkpoint and checkpoint["fingerprint"]
+
+
+def test_tensorboard_log_has_the_tutorial_contents(trained_project):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_project / "logs"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"val/loss", "val/accuracy", "train/epoch_loss"} <= set(tags["scalars"])
+    assert tags["images"] == ["train/batch"] and tags["graph"]
+
+
+def small_data(folder, n_train):
+    meta = load_meta(folder / "data/prepared")
+    train_x, train_y = load_split("train", folder / "data/prepared")
+    data = {"train": (train_x[:n_train], train_y[:n_train]), "val": load_split("val", folder / "data/prepared")}
+    return meta, data
+
+
+def test_training_learns(prepared_project):
+    meta, data = small_data(prepared_project, 500)
+    params = make_params({"train": {"epochs": 3, "lr": 0.05, "momentum": 0.9}})
+    _, history, _, _ = fit(params, meta, data, torch.device("cpu"), print_fn=lambda *_: None)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_resumed_run_equals_uninterrupted_run(prepared_project):
+    meta, data = small_data(prepared_project, 200)
+    params = make_params({"train": {"epochs": 2, "momentum": 0.9}})
+    quiet = dict(print_fn=lambda *_: None)
+    model_a, history_a, _, _ = fit(params, meta, data, torch.device("cpu"), **quiet)
+
+    saved = []
+    first = make_params({"train": {"epochs": 1, "momentum": 0.9}})
+    fit(first, meta, data, torch.device("cpu"), save_checkpoint=saved.append, **quiet)
+    model_b, history_b, _, seconds = fit(params, meta, data, torch.device("cpu"), resume=saved[-1], **quiet)
+
+    assert len(seconds) == 1 and history_b == history_a
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_from_other_settings_is_not_resumed(prepared_project, tmp_path):
+    meta = load_meta(prepared_project / "data/prepared")
+    params = make_params()
+    messages = []
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": FORMAT, "fingerprint": fingerprint(params, meta), "epoch": 1}, path)
+    assert try_resume(path, messages.append, fingerprint(params, meta), epochs=3)["epoch"] == 1
+    other = make_params({"train": {"lr": 0.5}})
+    assert try_resume(path, messages.append, fingerprint(other, meta), epochs=3) is None
+    assert try_resume(path, messages.append, fingerprint(params, meta), epochs=1) is None
+    assert "other settings" in messages[1] and "already has 1 epochs" in messages[2]
+    assert fingerprint(make_params({"train": {"log_every": 7, "epochs": 9}}), meta) == fingerprint(params, meta)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(PipelineError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_train_without_prepared_data_says_what_to_run(tmp_path):
+    from conftest import write_params
+
+    write_params(tmp_path)
+    result = run_stage(tmp_path, "train")
+    assert result.returncode == 2
+    assert "run the preprocess stage first" in result.stderr and "Traceback" not in result.stderr
