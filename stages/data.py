@@ -25,8 +25,12 @@ def load_split(name: str, folder: Path = PREPARED_DIR, device: torch.device | st
     path = Path(folder) / f"{name}.pt"
     if not path.exists():
         raise PipelineError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
-    split = torch.load(path, weights_only=True)
-    return split["images"].to(device), split["labels"].to(device)
+    try:
+        split = torch.load(path, weights_only=True)
+        images, labels = split["images"], split["labels"]
+    except Exception as exc:  # a damaged file makes torch.load raise almost anything
+        raise PipelineError(f"{path} is damaged ({exc.__class__.__name__}); rerun: dvc repro --force preprocess") from None
+    return images.to(device), labels.to(device)
 
 
 def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Stage 4 — evaluate: the trained model on the held-out test split.
 
-Writes metrics/eval.json (accuracy, mean loss, per-class accuracy) and metrics/confusion.csv
-(one `actual,predicted` row per test image, for DVC's confusion-matrix plot).
+Writes metrics/eval.json (accuracy, mean loss, per-class accuracy), metrics/confusion.csv
+(one `actual,predicted` row per test image, for DVC's confusion-matrix plot) and metrics/confusion.png;
+adds them to the training's MLflow run.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from stages.checkpoint import load_model
 from stages.data import load_split
 from stages.engine import evaluate, make_normalizer, resolve_device
 from stages.errors import run
-from stages.files import write_json, write_text
+from stages.files import atomic_path, write_json, write_text
 from stages.params import load_params
+from stages.tracking import Tracker
 
 MODEL_PATH = Path("models/model.pt")
 METRICS_PATH, CONFUSION_PATH = Path("metrics/eval.json"), Path("metrics/confusion.csv")
+CONFUSION_IMAGE = Path("metrics/confusion.png")
 
 
 def split_metrics(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str], loss: float) -> dict:
@@ -41,6 +44,32 @@ def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: list[s
     return buffer.getvalue()
 
 
+def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str], cell: int = 44):
+    """A confusion-matrix heat map as a PIL image (rows: actual, columns: predicted, counts in cells)."""
+    from PIL import Image, ImageDraw
+
+    n = len(classes)
+    counts = torch.zeros(n, n, dtype=torch.int64)
+    counts.index_put_((labels.cpu(), predicted.cpu()), torch.ones(len(labels), dtype=torch.int64), accumulate=True)
+    left, top = 110, 110
+    image = Image.new("RGB", (left + n * cell + 10, top + n * cell + 30), "white")
+    draw = ImageDraw.Draw(image)
+    peak = max(int(counts.max()), 1)
+    for a in range(n):
+        draw.text((4, top + a * cell + cell // 2 - 6), classes[a][:16], fill="black")
+        label = Image.new("RGB", (top - 10, 14), "white")
+        ImageDraw.Draw(label).text((2, 1), classes[a][:16], fill="black")
+        image.paste(label.rotate(90, expand=True), (left + a * cell + cell // 2 - 7, 6))
+        for p in range(n):
+            value = int(counts[a, p])
+            shade = 255 - int(215 * value / peak)
+            box = (left + p * cell, top + a * cell, left + (p + 1) * cell - 1, top + (a + 1) * cell - 1)
+            draw.rectangle(box, fill=(shade, shade, 255) if a != p else (shade, 255, shade))
+            draw.text((box[0] + 4, box[1] + cell // 2 - 6), str(value), fill="black" if shade > 110 else "white")
+    draw.text((left, top + n * cell + 8), "rows: actual, columns: predicted", fill="black")
+    return image
+
+
 def main(args) -> None:
     params = load_params()
     device = resolve_device("auto")
@@ -54,6 +83,14 @@ def main(args) -> None:
     metrics = split_metrics(labels, result["predictions"], ckpt["classes"], result["loss"])
     write_json(METRICS_PATH, metrics)
     write_text(CONFUSION_PATH, confusion_csv(labels, result["predictions"], ckpt["classes"]))
+    with atomic_path(CONFUSION_IMAGE) as tmp:
+        confusion_image(labels, result["predictions"], ckpt["classes"]).save(tmp, format="PNG")
+    tracker = Tracker.resume(params["tracking"])
+    tracker.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
+                         **{f"test_accuracy/{k}": v for k, v in metrics["per_class_accuracy"].items()}},
+                        step=ckpt["epoch"])
+    for path in (METRICS_PATH, CONFUSION_PATH, CONFUSION_IMAGE):
+        tracker.log_artifact(path, "metrics")
     print(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on "
           f"{len(labels)} images in {seconds:.2f}s ({device}); wrote {METRICS_PATH}, {CONFUSION_PATH}")
 

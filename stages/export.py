@@ -2,7 +2,8 @@
 
 Writes models/export/state_dict.pt (the tutorial's "method 2": weights only, loadable with
 `torch.load(weights_only=True)`), models/export/model.onnx (verified against PyTorch with
-onnxruntime on real test images), models/export/MODEL_CARD.md, and metrics/export.json.
+onnxruntime on real test images), models/export/MODEL_CARD.md and metrics/export.json; logs the model
+to the training's MLflow run as an MLflow PyTorch model with signature and input example.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from stages.engine import make_normalizer
 from stages.errors import PipelineError, run
 from stages.files import atomic_path, torch_save, write_json, write_text
 from stages.params import flatten, load_params
+from stages.tracking import Tracker
 
 MODEL_PATH, EXPORT_DIR = Path("models/model.pt"), Path("models/export")
 METRICS_PATH, EVAL_PATH = Path("metrics/export.json"), Path("metrics/eval.json")
@@ -100,6 +102,10 @@ def main(args) -> None:
     write_json(METRICS_PATH, {"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
                               "onnx_bytes": onnx_path.stat().st_size,
                               "state_dict_bytes": (EXPORT_DIR / "state_dict.pt").stat().st_size})
+    tracker = Tracker.resume(params["tracking"])
+    tracker.log_model(model, check[:4], ckpt["classes"])
+    for path in (EXPORT_DIR / "MODEL_CARD.md", METRICS_PATH):
+        tracker.log_artifact(path, "export")
     print(f"wrote {EXPORT_DIR}/state_dict.pt, model.onnx (max abs diff {diff:.2e} on {len(check)} images), "
           f"MODEL_CARD.md")
 

@@ -54,6 +54,20 @@ def _device(key, value):
     return value
 
 
+def _bool(key, value):
+    if not isinstance(value, bool):
+        raise ParamsError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _text(allow_empty):
+    def check(key, value):
+        if not isinstance(value, str) or (not allow_empty and not value):
+            raise ParamsError(f"{key} must be {'a' if allow_empty else 'a non-empty'} string, got {value!r}")
+        return value
+    return check
+
+
 def _string_list(key, value):
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ParamsError(f"{key} must be a list of folder paths or http(s) URLs, got {value!r}")
@@ -91,6 +105,12 @@ SCHEMA = {
     "export": {
         "onnx_atol": _number(float, above=0),
         "onnx_check_images": _number(int, minimum=1),
+    },
+    "tracking": {
+        "enabled": _bool,
+        "uri": _text(allow_empty=True),
+        "experiment": _text(allow_empty=False),
+        "timeout_s": _number(float, above=0),
     },
 }
 

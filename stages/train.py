@@ -28,6 +28,7 @@ from stages.errors import run
 from stages.files import torch_save, write_json, write_text
 from stages.models import build_model, model_config
 from stages.params import load_params
+from stages.tracking import Tracker
 
 MODEL_PATH, CHECKPOINT_PATH = Path("models/model.pt"), Path("models/checkpoint.pt")
 LOG_DIR = Path("logs")
@@ -59,13 +60,16 @@ def try_resume(path: Path, print_fn=print, expect: str = "", epochs: int = 0) ->
     return ckpt
 
 
-def fit(params: dict, meta: dict, data: dict, device: torch.device, writer=None, resume: dict | None = None,
-        save_checkpoint=None, print_fn=partial(print, flush=True)):
-    """Train the configured model; returns (model, history, checkpoint dict of the last epoch, seconds)."""
+def fit(params: dict, meta: dict, data: dict, device: torch.device, resume: dict | None = None,
+        on_step=None, on_epoch=None, save_checkpoint=None, print_fn=partial(print, flush=True)):
+    """Train the configured model; returns (model, history, checkpoint dict of the last epoch, seconds).
+
+    on_step(global_step, loss) runs after every SGD step, on_epoch(history_row, seconds) after every
+    epoch, save_checkpoint(checkpoint) after every epoch's validation."""
     cfg = params["train"]
     torch.manual_seed(params["seed"])
-    model = build_model(model_config(params["model"]["name"], meta["input_shape"], len(meta["classes"])))
-    model = model.to(device).to(memory_format=torch.channels_last)
+    config = model_config(params["model"]["name"], meta["input_shape"], len(meta["classes"]))
+    model = build_model(config).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
     loss_fn = nn.CrossEntropyLoss()
@@ -82,28 +86,27 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, writer=None,
     steps_per_epoch = -(-len(train_y) // cfg["batch_size"])
     epoch_seconds = []
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
-        def on_step(step, loss, base=(epoch - 1) * steps_per_epoch):
-            if writer is not None and (base + step + 1) % cfg["log_every"] == 0:
-                writer.add_scalar("train/loss", loss.item(), base + step + 1)
+        step_hook = None
+        if on_step:
+            def step_hook(step, loss, base=(epoch - 1) * steps_per_epoch):
+                on_step(base + step + 1, loss)
 
         began = time.perf_counter()
         with tqdm(total=len(train_y), unit="img", desc=f"epoch {epoch}/{cfg['epochs']}", leave=False,
                   disable=None, mininterval=1.0) as bar:
             train_loss = train_one_epoch(model, optimizer, loss_fn, train_x, train_y, normalize,
-                                         cfg["batch_size"], shuffle, on_step, bar)
+                                         cfg["batch_size"], shuffle, step_hook, bar)
         seconds = time.perf_counter() - began
         val = evaluate(model, val_x, val_y, normalize, EVAL_BATCH)
         epoch_seconds.append(seconds)
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
-                        "val_accuracy": round(val["accuracy"], 6)})
+        row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
+               "val_accuracy": round(val["accuracy"], 6)}
+        history.append(row)
         print_fn(f"epoch {epoch}/{cfg['epochs']}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
                  f"val_acc {val['accuracy']:.4f}  {seconds:.1f}s  {len(train_y) / seconds:,.0f} img/s")
-        if writer is not None:
-            writer.add_scalar("val/loss", val["loss"], epoch)
-            writer.add_scalar("val/accuracy", val["accuracy"], epoch)
-            writer.add_scalar("train/epoch_loss", train_loss, epoch)
-        ckpt = {"format": FORMAT, "model": model_config(params["model"]["name"], meta["input_shape"],
-                                                        len(meta["classes"])),
+        if on_epoch:
+            on_epoch(row, seconds)
+        ckpt = {"format": FORMAT, "model": config,
                 "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                 "epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
                 "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state()}
@@ -112,27 +115,53 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, writer=None,
     return model, history, ckpt, epoch_seconds
 
 
+def write_history(history: list[dict]) -> None:
+    buffer = io.StringIO()
+    csv_writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    csv_writer.writeheader()
+    csv_writer.writerows(history)
+    write_text(HISTORY_PATH, buffer.getvalue())
+
+
 def main(args) -> None:
     params = load_params()
     meta = load_meta()
     device = resolve_device(params["train"]["device"])
     data = {name: load_split(name, device=device) for name in ("train", "val")}
+    n_train, log_every = len(data["train"][1]), params["train"]["log_every"]
     expect = fingerprint(params, meta)
     resume = try_resume(CHECKPOINT_PATH, expect=expect, epochs=params["train"]["epochs"])
     if resume is None:
         shutil.rmtree(LOG_DIR, ignore_errors=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    steps = -(-len(data["train"][1]) // params["train"]["batch_size"])
+    steps = -(-n_train // params["train"]["batch_size"])
     writer = SummaryWriter(str(LOG_DIR), purge_step=resume["epoch"] * steps + 1 if resume else None)
+    tracker = Tracker.start(params["tracking"], params, str(device), resume.get("mlflow_run_id") if resume else None)
     print(f"training {params['model']['name']} on {device} ({torch.get_num_threads()} threads), "
-          f"{len(data['train'][1])} train / {len(data['val'][1])} val images")
+          f"{n_train} train / {len(data['val'][1])} val images")
     if resume is None:
-        sample = data["train"][0][:64]
-        writer.add_images("train/batch", sample.float().div(255), 0)
-    model, history, last, epoch_seconds = fit(
-        params, meta, data, device, writer, resume,
-        save_checkpoint=lambda ckpt: torch_save({**ckpt, "fingerprint": expect}, CHECKPOINT_PATH))
+        writer.add_images("train/batch", data["train"][0][:64].float().div(255), 0)
+
+    def on_step(step, loss):
+        if step % log_every == 0:
+            writer.add_scalar("train/loss", loss.item(), step)
+
+    def on_epoch(row, seconds):
+        writer.add_scalar("val/loss", row["val_loss"], row["epoch"])
+        writer.add_scalar("val/accuracy", row["val_accuracy"], row["epoch"])
+        writer.add_scalar("train/epoch_loss", row["train_loss"], row["epoch"])
+        tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": seconds,
+                             "images_per_s": n_train / seconds}, step=row["epoch"])
+
+    try:
+        model, history, last, epoch_seconds = fit(
+            params, meta, data, device, resume, on_step, on_epoch,
+            save_checkpoint=lambda ckpt: torch_save(
+                {**ckpt, "fingerprint": expect, "mlflow_run_id": tracker.run_id}, CHECKPOINT_PATH))
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     if resume is None:
         with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
             warnings.simplefilter("ignore", FutureWarning)
@@ -146,17 +175,17 @@ def main(args) -> None:
                  params=params, dataset=meta["dataset"], val_metrics=history[-1])
     torch_save(final, MODEL_PATH)
     write_json(METRICS_PATH, {"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}})
-    buffer = io.StringIO()
-    csv_writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-    csv_writer.writeheader()
-    csv_writer.writerows(history)
-    write_text(HISTORY_PATH, buffer.getvalue())
+    write_history(history)
     total = sum(epoch_seconds)
     write_json(TIME_PATH, {"device": str(device), "threads": torch.get_num_threads(),
                            "epochs_run": len(epoch_seconds), "seconds": round(total, 2),
-                           "images_per_s": round(len(data["train"][1]) * len(epoch_seconds) / total, 1)
-                           if total else None})
-    print(f"wrote {MODEL_PATH} (val accuracy {history[-1]['val_accuracy']:.4f}), {METRICS_PATH}, logs in {LOG_DIR}/")
+                           "images_per_s": round(n_train * len(epoch_seconds) / total, 1)})
+    for path in (METRICS_PATH, HISTORY_PATH, TIME_PATH):
+        tracker.log_artifact(path, "metrics")
+    tracker.log_artifact(LOG_DIR, "tensorboard")
+    tracker.finish()
+    print(f"wrote {MODEL_PATH} (val accuracy {history[-1]['val_accuracy']:.4f}), {METRICS_PATH}, logs in {LOG_DIR}/"
+          + (f"; MLflow run {tracker.run_id}" if tracker.run_id else ""))
 
 
 def make_sample_input(meta: dict, device) -> torch.Tensor:

@@ -19,6 +19,7 @@ SMALL = {
     "preprocess": {"val_size": 100, "max_train": 600, "max_test": 200},
     "train": {"epochs": 1, "device": "cpu"},
     "export": {"onnx_check_images": 32},
+    "tracking": {"enabled": False},  # tests/test_tracking.py turns it on against its own stores
 }
 
 
@@ -40,11 +41,47 @@ def write_params(folder: Path, overrides: dict | None = None) -> dict:
     return params
 
 
+# Nothing from the caller's shell may redirect a test: no tracking server, repo root or proxy.
+SCRUB = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "http_proxy", "https_proxy", "HTTP_PROXY",
+         "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def clean_env(**extra: str) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in SCRUB}, **extra}
+
+
 def run_stage(folder: Path, module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m stages.<module>` in `folder` the way dvc does, with this checkout on the path."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = clean_env(PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+
+
+def sh(folder: Path, *args: str, timeout: float = 600, check: bool = True, stdout_only: bool = False) -> str:
+    """Run a command in `folder` with this venv first on PATH (as `make` does); return its output."""
+    env = clean_env(**GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+    return result.stdout if stdout_only else result.stdout + result.stderr
+
+
+def make_dvc_repo(folder: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC repository holding this checkout's stages and dvc.yaml, committed."""
+    shutil.copytree(REPO / "stages", folder / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, folder)
+    write_params(folder, overrides)
+    sh(folder, "git", "init", "-q")
+    sh(folder, "dvc", "init", "-q")
+    sh(folder, "dvc", "config", "core.analytics", "false")
+    sh(folder, "git", "add", "-A")
+    sh(folder, "git", "commit", "-qm", "pipeline")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,180 @@
+"""MLflow tracking: one MLflow run per training, opened by train and continued by evaluate and export.
+
+The run id travels in models/mlflow_run.json, a DVC output of train, so it stays paired with the
+model it describes. Tracking never breaks the pipeline: the first failure (unreachable server, locked
+or corrupt store) prints one warning line and turns tracking off for the rest of that stage.
+
+Default store: sqlite:///<repo root>/mlflow.db with artifacts in <repo root>/mlartifacts. The repo root
+comes from DVC_ROOT when set: queued and --temp experiments run in a copy under .dvc/tmp/exps/ and
+would otherwise log into that copy and lose their runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.files import write_json
+
+RUN_FILE = Path("models/mlflow_run.json")
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def tracking_uri(cfg: dict) -> str:
+    """tracking.uri when set, else MLFLOW_TRACKING_URI, else the sqlite store in the repo root."""
+    return cfg["uri"] or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _configure_mlflow(timeout_s: float) -> None:
+    """Before mlflow is imported: no telemetry, and a dead server costs seconds, not minutes of retries."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout_s))))
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def prepared_data_md5(lock_path: Path = Path("dvc.lock")) -> str:
+    """md5 of data/prepared as recorded in dvc.lock (written before train runs)."""
+    try:
+        import yaml
+
+        for out in yaml.safe_load(lock_path.read_text())["stages"]["preprocess"]["outs"]:
+            if out["path"] == "data/prepared":
+                return out["md5"]
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    return ""
+
+
+def run_tags(device: str) -> dict:
+    import torch
+
+    tags = {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": str(bool(_git("status", "--porcelain"))).lower(),
+            "prepared_data_md5": prepared_data_md5(), "device": device, "torch_version": torch.__version__}
+    for var, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
+    return tags
+
+
+class Tracker:
+    """Logs to one MLflow run through MlflowClient; every method is a no-op once tracking is off."""
+
+    def __init__(self, cfg: dict, run_id: str | None):
+        self.cfg, self.run_id, self.client = cfg, run_id, None
+        if cfg["enabled"] and run_id:
+            self._guard(self._connect)
+
+    def _connect(self):
+        _configure_mlflow(self.cfg["timeout_s"])
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri(self.cfg))
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    def _guard(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # tracking must never be what breaks a stage
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            print(f"warning: MLflow tracking off for this stage ({tracking_uri(self.cfg)}): {reason}",
+                  file=sys.stderr, flush=True)
+            self.client = None
+            return None
+
+    @classmethod
+    def start(cls, cfg: dict, params: dict, device: str, run_id: str | None = None) -> "Tracker":
+        """Open a run for this training (or reopen `run_id`, the run a resumed training began) and
+        record its id in RUN_FILE; the id is None when tracking is off or failing."""
+        tracker = cls(cfg, run_id="pending")
+        tracker.run_id = None
+        if tracker.client and run_id and tracker._reopen(run_id):
+            tracker.run_id = run_id
+        elif tracker.client:
+            tracker.run_id = tracker._guard(tracker._create_run, params, device)
+        write_json(RUN_FILE, {"run_id": tracker.run_id, "tracking_uri": tracking_uri(cfg) if tracker.run_id else None})
+        return tracker
+
+    def _reopen(self, run_id: str) -> bool:
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+            return True
+        except Exception:  # not in this store (any more): start a new run instead
+            return False
+
+    def _create_run(self, params: dict, device: str) -> str:
+        from mlflow.entities import Param
+
+        from stages.params import flatten
+
+        name, uri = self.cfg["experiment"], tracking_uri(self.cfg)
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            location = (project_root() / "mlartifacts" / name).as_uri() if uri.startswith("sqlite:") else None
+            experiment_id = self.client.create_experiment(name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        run = self.client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None,
+                                     tags=run_tags(device))
+        params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flatten(params).items()]
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    @classmethod
+    def resume(cls, cfg: dict) -> "Tracker":
+        """The run train opened, for evaluate and export to add to."""
+        try:
+            run_id = json.loads(RUN_FILE.read_text()).get("run_id")
+        except (OSError, ValueError):
+            run_id = None
+        return cls(cfg, run_id)
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        if self.active:
+            from mlflow.entities import Metric
+            import time
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+            self._guard(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active and Path(path).exists():
+            log = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+            self._guard(log, self.run_id, str(path), artifact_path)
+
+    def log_model(self, model, example, classes: list[str]) -> None:
+        if self.active:
+            self._guard(self._log_model, model, example, classes)
+
+    def _log_model(self, model, example, classes):
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.inference_mode():
+            logits = model(example).numpy()
+        mlflow.set_tracking_uri(tracking_uri(self.cfg))
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example.numpy(), logits),
+                                     input_example=example.numpy(), metadata={"classes": classes},
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self._guard(self.client.set_terminated, self.run_id, status)

@@ -1,0 +1,172 @@
+"""MLflow tracking: one run per training across train/evaluate/export, linked to DVC experiments."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import make_dvc_repo, run_stage, sh, write_params
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+TRACKING = {"tracking": {"enabled": True, "uri": ""}}
+
+
+def client_for(root: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def runs_of(root: Path) -> dict:
+    """{run name: Run} of the pipeline's experiment in the store under `root`."""
+    client = client_for(root)
+    experiment = client.get_experiment_by_name("tudui-pipeline")
+    assert experiment is not None, f"no experiment in {root / 'mlflow.db'}"
+    return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stages_log_one_run(trained_project, tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    shutil.copytree(trained_project, folder)
+    write_params(folder, TRACKING)
+    for stage in ("train", "evaluate", "export"):
+        result = run_stage(folder, stage)
+        assert result.returncode == 0, result.stderr
+        assert "warning" not in result.stderr
+
+    (run,) = runs_of(folder).values()
+    run_file = json.loads((folder / "models/mlflow_run.json").read_text())
+    assert run_file["run_id"] == run.info.run_id and run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["preprocess.max_train"] == "600"
+    assert run.data.tags["device"] == "cpu" and run.data.tags["torch_version"]
+    eval_metrics = json.loads((folder / "metrics/eval.json").read_text())
+    assert run.data.metrics["test_accuracy"] == eval_metrics["test_accuracy"]
+    assert run.data.metrics["test_accuracy/Ankle boot"] == eval_metrics["per_class_accuracy"]["Ankle boot"]
+    client = client_for(folder)
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1]
+    artifacts = {a.path for top in ("metrics", "export", "tensorboard") for a in client.list_artifacts(run.info.run_id, top)}
+    assert {"metrics/eval.json", "metrics/confusion.png", "export/MODEL_CARD.md"} <= artifacts
+    assert any(path.startswith("tensorboard/events.out.tfevents") for path in artifacts)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.artifact_location == (folder / "mlartifacts" / "tudui-pipeline").as_uri()
+
+    import mlflow.pytorch
+    import torch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")  # resolves models:/ URIs
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(logged.model_uri)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_unreachable_server_warns_and_the_stage_succeeds(prepared_project, tmp_path):
+    folder = tmp_path / "project"
+    shutil.copytree(prepared_project, folder)
+    write_params(folder, {"tracking": {"enabled": True, "uri": f"http://127.0.0.1:{free_port()}",
+                                       "timeout_s": 2.0}})
+    result = run_stage(folder, "train", timeout=120)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: MLflow")]
+    assert len(warnings) == 1 and "127.0.0.1" in warnings[0]
+    assert json.loads((folder / "models/mlflow_run.json").read_text())["run_id"] is None
+    assert (folder / "models/model.pt").exists()
+
+
+def test_tracking_disabled_writes_no_store(trained_project):
+    assert json.loads((trained_project / "models/mlflow_run.json").read_text())["run_id"] is None
+    assert not (trained_project / "mlflow.db").exists()
+
+
+@pytest.fixture(scope="module")
+def exp_repo(tmp_path_factory, mirror):
+    return make_dvc_repo(tmp_path_factory.mktemp("exp_repo"), TRACKING)
+
+
+@pytest.mark.slow
+def test_dvc_experiments_become_named_mlflow_runs(exp_repo):
+    seen = {}
+    for name, lr in (("lr-low", "0.02"), ("lr-high", "0.05")):
+        sh(exp_repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
+        seen[name] = (lr, json.loads((exp_repo / "metrics/eval.json").read_text()))
+    runs = runs_of(exp_repo)
+    for name, (lr, eval_metrics) in seen.items():
+        run = runs[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.lr"] == lr
+        assert run.data.tags["dvc_exp_name"] == name and run.data.tags["dvc_exp_baseline_rev"]
+        assert run.data.tags["git_commit"] and run.data.tags["prepared_data_md5"]
+        assert run.data.metrics["test_accuracy"] == eval_metrics["test_accuracy"]
+    listed = sh(exp_repo, "dvc", "exp", "list", "--name-only", stdout_only=True).split()
+    assert {"lr-low", "lr-high"} <= set(listed)
+
+
+@pytest.mark.slow
+def test_queued_experiment_logs_to_the_repo_root_store(exp_repo):
+    sh(exp_repo, "dvc", "exp", "run", "--queue", "-n", "queued-lr", "-S", "train.lr=0.03")
+    sh(exp_repo, "dvc", "queue", "start", "-j", "1")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = sh(exp_repo, "dvc", "queue", "status")
+        if "queued-lr" in status and not any(word in status for word in ("Running", "Queued")):
+            break
+        time.sleep(3)
+    assert "Success" in status, status
+    run = runs_of(exp_repo)["queued-lr"]
+    assert run.data.params["train.lr"] == "0.03" and run.info.status == "FINISHED"
+    assert "test_accuracy" in run.data.metrics
+    assert not list((exp_repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    sh(exp_repo, "dvc", "queue", "stop", check=False)
+
+
+@pytest.mark.slow
+def test_ui_serves_the_runs(trained_project, tmp_path):
+    folder = tmp_path / "project"
+    shutil.copytree(trained_project, folder)
+    write_params(folder, TRACKING)
+    assert run_stage(folder, "train").returncode == 0
+    port = free_port()
+    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen([mlflow_cli, "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tudui-pipeline")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            experiment_id = json.load(response)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [experiment_id]}).encode()
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            runs = json.load(response)["runs"]
+        assert len(runs) == 1
+        params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
+        assert params["train.lr"] == "0.01"
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
