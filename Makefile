@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test setup data-mirror tensorboard clean-venv
+UI_PORT ?= 5000
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: run test setup data-mirror tensorboard ui clean-venv
 
 run: setup
 	dvc repro
@@ -15,6 +18,7 @@ run: setup
 	@echo "Results: models/model.pt (model), models/export/ (state_dict, ONNX, model card),"
 	@echo "         metrics/*.json (dvc metrics show), metrics/*.csv (dvc plots show), logs/ (make tensorboard)."
 	@echo "Classify an image: $(PY) -m stages.predict IMAGE"
+	@echo "Compare runs in MLflow: make ui"
 
 test: setup
 	$(PY) -m pytest -q
@@ -36,6 +40,11 @@ data-mirror:
 
 tensorboard: setup
 	tensorboard --logdir logs --host 127.0.0.1
+
+# MLflow UI on loopback against the project's store (sqlite:///<repo>/mlflow.db, artifacts in mlartifacts/).
+ui: setup
+	$(PY) -m stages.tracking --port $(UI_PORT)
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean-venv:
 	rm -rf $(VENV)

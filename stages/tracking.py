@@ -178,3 +178,29 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
             self._guard(self.client.set_terminated, self.run_id, status)
+
+
+def ui_url(cfg: dict, base: str) -> str:
+    """The UI page that lists this pipeline's runs with their curves (MLflow 3 otherwise opens its
+    GenAI view of an experiment, which shows "No data" for training runs)."""
+    _configure_mlflow(cfg["timeout_s"])
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri(cfg)).get_experiment_by_name(cfg["experiment"])
+    if experiment is None:
+        return f"{base}/  (no runs yet: the experiment {cfg['experiment']!r} appears after the first training)"
+    return (f"{base}/#/experiments/{experiment.experiment_id}/runs"
+            "?workflowType=machine_learning&compareRunsMode=CHART")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from stages.params import load_params
+
+    parser = argparse.ArgumentParser(description="Print the tracking store and the MLflow UI link for this project")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args()
+    cfg = load_params()["tracking"]
+    print(f"store: {tracking_uri(cfg)}")
+    print(f"open:  {ui_url(cfg, f'http://127.0.0.1:{args.port}')}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from stages.checkpoint import FORMAT, load_checkpoint
 from stages.data import load_meta, load_split
 from stages.engine import evaluate, make_normalizer, resolve_device, train_one_epoch
-from stages.errors import run
+from stages.errors import PipelineError, run
 from stages.files import torch_save, write_json, write_text
 from stages.models import build_model, model_config
 from stages.params import load_params
@@ -45,11 +45,15 @@ def fingerprint(params: dict, meta: dict) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
-def try_resume(path: Path, print_fn=print, expect: str = "", epochs: int = 0) -> dict | None:
+def try_resume(path: Path, expect: str, epochs: int, print_fn=print) -> dict | None:
     """The checkpoint to continue from, or None (with the reason printed) to start over."""
     if not path.exists():
         return None
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except PipelineError as exc:
+        print_fn(f"{exc}: starting over")
+        return None
     if ckpt.get("fingerprint") != expect:
         print_fn(f"{path} was trained with other settings or data: starting over")
         return None
@@ -130,7 +134,7 @@ def main(args) -> None:
     data = {name: load_split(name, device=device) for name in ("train", "val")}
     n_train, log_every = len(data["train"][1]), params["train"]["log_every"]
     expect = fingerprint(params, meta)
-    resume = try_resume(CHECKPOINT_PATH, expect=expect, epochs=params["train"]["epochs"])
+    resume = try_resume(CHECKPOINT_PATH, expect, params["train"]["epochs"])
     if resume is None:
         shutil.rmtree(LOG_DIR, ignore_errors=True)
     from torch.utils.tensorboard import SummaryWriter

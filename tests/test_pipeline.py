@@ -47,3 +47,24 @@ def test_changing_lr_reruns_only_train_evaluate_export(repo):
     for stage in ("train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     assert torch.load(repo / "models/model.pt", weights_only=True)["params"]["train"]["lr"] == 0.02
+
+
+@pytest.mark.slow
+def test_forced_rerun_is_bit_for_bit(repo):
+    import yaml
+
+    def snapshot():
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        outs = {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])}
+        metrics = {name: (repo / "metrics" / name).read_text()
+                   for name in ("train.json", "train_history.csv", "eval.json", "confusion.csv")}
+        return outs, metrics
+
+    sh(repo, "dvc", "repro")
+    before = snapshot()
+    out = sh(repo, "dvc", "repro", "--force")
+    assert "Running stage 'download'" in out and "Running stage 'train'" in out
+    after = snapshot()
+    assert after[1] == before[1]
+    for path in ("data/raw", "data/prepared", "models/model.pt"):
+        assert after[0][path] == before[0][path], path

@@ -78,12 +78,16 @@ def test_checkpoint_from_other_settings_is_not_resumed(prepared_project, tmp_pat
     params = make_params()
     messages = []
     path = tmp_path / "checkpoint.pt"
-    torch.save({"format": FORMAT, "fingerprint": fingerprint(params, meta), "epoch": 1}, path)
-    assert try_resume(path, messages.append, fingerprint(params, meta), epochs=3)["epoch"] == 1
+    torch.save({"format": FORMAT, "model": {}, "state_dict": {}, "fingerprint": fingerprint(params, meta), "epoch": 1},
+               path)
+    assert try_resume(path, fingerprint(params, meta), 3, messages.append)["epoch"] == 1
     other = make_params({"train": {"lr": 0.5}})
-    assert try_resume(path, messages.append, fingerprint(other, meta), epochs=3) is None
-    assert try_resume(path, messages.append, fingerprint(params, meta), epochs=1) is None
+    assert try_resume(path, fingerprint(other, meta), 3, messages.append) is None
+    assert try_resume(path, fingerprint(params, meta), 1, messages.append) is None
     assert "other settings" in messages[1] and "already has 1 epochs" in messages[2]
+    path.write_bytes(b"half a checkpoint")
+    assert try_resume(path, fingerprint(params, meta), 3, messages.append) is None
+    assert "not a readable PyTorch file" in messages[3] and messages[3].endswith("starting over")
     assert fingerprint(make_params({"train": {"log_every": 7, "epochs": 9}}), meta) == fingerprint(params, meta)
 
 
