@@ -34,11 +34,10 @@ def load_split(name: str, folder: Path = PREPARED_DIR, device: torch.device | st
 
 
 def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """N×H×W or N×C×H×W uint8 -> N×C×size×size, zero-padded evenly (28 -> 32 pads 2 on each side)."""
+    """N×H×W or N×C×H×W uint8 -> N×C×H'×W', zero-padded evenly up to size×size (28 -> 32 pads 2 on
+    each side). Images already that large are left as they are."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
     h, w = images.shape[-2:]
-    if size < max(h, w):
-        raise PipelineError(f"preprocess.pad_to={size} is smaller than the images ({h}×{w})")
-    top, left = (size - h) // 2, (size - w) // 2
-    return F.pad(images, (left, size - w - left, top, size - h - top)).contiguous()
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    return F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)).contiguous()

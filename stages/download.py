@@ -3,18 +3,23 @@
 Sources are tried in order: folders or http(s) base URLs from `data.mirrors`, the folder an OS
 package installed (Debian's dataset-fashion-mnist), then the official mirrors torchvision lists.
 Every file is verified before it is moved into place, so data/raw never holds a partial or wrong file.
+An image folder (`data.source`: a folder, a .zip/.tar.gz file or a URL of one) is copied or
+downloaded, md5-checked when `data.md5` is set, and unpacked safely into data/raw/imagefolder/.
 """
 from __future__ import annotations
 
 import http.client
+import os
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from stages.archives import extract
 from stages.datasets import IdxDataset, file_matches, get_dataset
 from stages.errors import PipelineError, run
-from stages.files import atomic_path
+from stages.files import atomic_path, md5_file
 from stages.params import load_params
 
 RAW_DIR = Path("data/raw")
@@ -68,17 +73,62 @@ def sources_for(dataset: IdxDataset, mirrors: list[str]) -> list[str]:
     return list(dict.fromkeys([*mirrors, *dataset.system_dirs(), *dataset.official_mirrors]))
 
 
-def download(dataset: IdxDataset, dest: Path, sources: list[str], timeout_s: float) -> dict[str, str]:
-    """Fetch every file of `dataset` into `dest`; return {file name: source used}."""
+def download(dataset: IdxDataset, dest: Path, sources: list[str], timeout_s: float,
+             md5_override: str = "") -> dict[str, str]:
+    """Fetch every file of `dataset` into `dest`; return {file name: source used}. `md5_override`
+    replaces the official md5 of a one-file data set (a repacked mirror of the CIFAR-10 tarball)."""
     dest.mkdir(parents=True, exist_ok=True)
-    return {name: fetch_file(dataset, name, md5, sources, dest, timeout_s) for name, md5 in dataset.files}
+    files = dataset.files
+    if md5_override:
+        if len(files) != 1:
+            raise PipelineError(f"data.md5 applies to one-file data sets (cifar10, imagefolder), not {dataset.name}")
+        files = [(files[0][0], md5_override)]
+    return {name: fetch_file(dataset, name, md5, sources, dest, timeout_s) for name, md5 in files}
+
+
+def fetch_image_folder(source: str, md5: str, dest: Path, timeout_s: float) -> str:
+    """Copy a folder, or fetch (file or URL) and unpack an archive, into `dest` (replaced whole)."""
+    is_url = source.startswith(("http://", "https://"))
+    if not is_url and not Path(source).exists():
+        raise PipelineError(f"data.source {source!r} is neither a folder, a file nor an http(s) URL")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(f".{dest.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if Path(source).is_dir():
+            shutil.copytree(source, staging)
+        else:
+            base, name = source.rstrip("/").rsplit("/", 1) if is_url else (str(Path(source).parent), Path(source).name)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest.parent)
+            os.close(fd)
+            archive = Path(tmp)
+            try:
+                try:
+                    _copy_from(base, name, archive, timeout_s)
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    raise PipelineError(f"could not get {source} ({_why(exc)}); download it by hand and set "
+                                        "data.source to the file or to the unpacked folder") from None
+                if md5 and md5_file(archive) != md5:
+                    raise PipelineError(f"{source}: md5 {md5_file(archive)} does not match data.md5 {md5}")
+                extract(archive, staging)
+            finally:
+                archive.unlink(missing_ok=True)  # only the unpacked images are kept
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return source
 
 
 def main(args) -> None:
     params = load_params()
-    dataset = get_dataset(params["data"]["dataset"])
+    cfg = params["data"]
+    dataset = get_dataset(cfg["dataset"])
     dest = RAW_DIR / dataset.name
-    used = download(dataset, dest, sources_for(dataset, params["data"]["mirrors"]), params["data"]["timeout_s"])
+    if dataset.kind == "imagefolder":
+        used = {str(dest): fetch_image_folder(cfg["source"], cfg["md5"], dest, cfg["timeout_s"])}
+    else:
+        used = download(dataset, dest, sources_for(dataset, cfg["mirrors"]), cfg["timeout_s"], cfg["md5"])
     for name, source in used.items():
         print(f"{dest / name}  <- {source}")
 

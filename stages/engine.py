@@ -35,17 +35,48 @@ def make_normalizer(mean: list[float], std: list[float], device: torch.device) -
     return normalize
 
 
+def make_augmenter(crop: int, flip: bool, generator: torch.Generator) -> Callable | None:
+    """Training augmentation of a whole N×C×H×W batch (uint8 or float, on any device); None when off.
+
+    With `crop`, every image is zero-padded by `crop` pixels on each side and a random H×W window is cut
+    back out (torchvision's RandomCrop(size, padding=crop)); with `flip`, every image is mirrored
+    left-right with probability 1/2. All random numbers come from `generator` (a CPU generator), so a
+    resumed run that restores its state draws the same ones.
+    """
+    if not crop and not flip:
+        return None
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = images.shape
+        device = images.device
+        if flip:
+            mirrored = (torch.rand(n, generator=generator) < 0.5).to(device)
+            images = torch.where(mirrored.view(n, 1, 1, 1), images.flip(3), images)
+        if crop:
+            padded = nn.functional.pad(images, (crop, crop, crop, crop))
+            top, left = torch.randint(0, 2 * crop + 1, (2, n, 1), generator=generator).to(device)
+            rows = (top + torch.arange(h, device=device)).view(n, 1, h, 1)
+            cols = (left + torch.arange(w, device=device)).view(n, 1, 1, w)
+            images = padded[torch.arange(n, device=device).view(n, 1, 1, 1),
+                            torch.arange(c, device=device).view(1, c, 1, 1), rows, cols]
+        return images
+
+    return augment
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                     images: torch.Tensor, labels: torch.Tensor, normalize: Callable, batch_size: int,
                     generator: torch.Generator, on_step: Callable[[int, torch.Tensor], None] | None = None,
-                    progress=None) -> float:
-    """One pass over shuffled batches; returns the mean training loss per image."""
+                    progress=None, augment: Callable | None = None) -> float:
+    """One pass over shuffled batches (each passed through `augment` first, if given); returns the mean
+    training loss per image."""
     model.train()
     order = torch.randperm(len(labels), generator=generator).to(labels.device)
     total = torch.zeros((), device=labels.device)
     for step, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
-        x, y = normalize(images[idx]), labels[idx]
+        batch = images[idx]
+        x, y = normalize(augment(batch) if augment else batch), labels[idx]
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

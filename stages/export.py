@@ -50,6 +50,13 @@ def onnx_max_abs_diff(path: Path, model: torch.nn.Module, images: torch.Tensor) 
 
 def model_card(ckpt: dict, evaluation: dict, onnx_diff: float) -> str:
     c, (h, w), (ph, pw) = ckpt["input"]["channels"], ckpt["input"]["size"], ckpt["input"]["pad_to"]
+    resize = {"center_crop": "shorter side resized, then center-cropped",
+              "stretch": "the whole picture resized"}[ckpt["input"].get("resize", "stretch")]
+    dark = ""
+    if ckpt["dataset"] in ("fashion_mnist", "mnist"):
+        dark = (f"\n\n{ckpt['dataset']} shows a light object on a black background: invert dark-on-light "
+                "photos first (`python -m stages.predict --invert`).")
+    pad = f" zero-padded to {ph}×{pw}" if (ph, pw) != (h, w) else ""
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt["params"]).items())
     per_class = "\n".join(f"| {name} | {acc} |" for name, acc in evaluation.get("per_class_accuracy", {}).items())
     return f"""# Model card: {ckpt['model']['name']} on {ckpt['dataset']}
@@ -59,9 +66,9 @@ def model_card(ckpt: dict, evaluation: dict, onnx_diff: float) -> str:
 - Test accuracy {evaluation.get('test_accuracy')} on {evaluation.get('test_images')} images; test loss {evaluation.get('test_loss')}
 
 ## Input format
-float32 tensor N×{c}×{ph}×{pw}: a {h}×{w} image ({'grayscale' if c == 1 else 'RGB'}, light object on a dark
-background for Fashion-MNIST) zero-padded to {ph}×{pw}, scaled to 0..1, then normalized per channel with
-mean {ckpt['normalization']['mean']} and std {ckpt['normalization']['std']}. Output: {len(ckpt['classes'])} logits.
+float32 tensor N×{c}×{ph}×{pw}: a {h}×{w} {'grayscale' if c == 1 else 'RGB'} image ({resize}){pad}, scaled
+to 0..1, then normalized per channel with mean {ckpt['normalization']['mean']} and std
+{ckpt['normalization']['std']}. Output: {len(ckpt['classes'])} logits.{dark}
 
 ## Files
 - `state_dict.pt`: `stages.models.build_model({ckpt['model']})` then

@@ -14,8 +14,8 @@ import yaml
 
 from stages.errors import PipelineError
 
-DATASETS = ("fashion_mnist",)
-MODELS = ("cifar10_quick",)
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagefolder")
+MODELS = ("cifar10_quick", "vgg16", "resnet18")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -79,16 +79,22 @@ SCHEMA = {
     "data": {
         "dataset": _choice(DATASETS),
         "mirrors": _string_list,
+        "source": _text(allow_empty=True),
+        "md5": _text(allow_empty=True),
         "timeout_s": _number(float, above=0),
     },
     "preprocess": {
         "val_size": _number(int, minimum=1),
+        "test_size": _number(int, minimum=0),
         "pad_to": _number(int, minimum=1),
+        "image_size": _number(int, minimum=8),
         "max_train": _number(int, minimum=0),
         "max_test": _number(int, minimum=0),
     },
     "model": {
         "name": _choice(MODELS),
+        "pretrained": _bool,
+        "freeze_backbone": _bool,
     },
     "train": {
         "device": _device,
@@ -98,6 +104,8 @@ SCHEMA = {
         "momentum": _number(float, minimum=0),
         "weight_decay": _number(float, minimum=0),
         "log_every": _number(int, minimum=1),
+        "augment_crop": _number(int, minimum=0),
+        "augment_flip": _bool,
     },
     "evaluate": {
         "batch_size": _number(int, minimum=1),
@@ -138,6 +146,17 @@ def validate(raw, schema=SCHEMA, prefix=""):
     return checked
 
 
+def check_combinations(params: dict) -> dict:
+    """Rules that involve more than one key."""
+    if params["model"]["freeze_backbone"] and not params["model"]["pretrained"]:
+        raise ParamsError("model.freeze_backbone: true needs model.pretrained: true (freezing random weights "
+                          "leaves only the last layer to learn)")
+    if params["data"]["dataset"] == "imagefolder" and not params["data"]["source"]:
+        raise ParamsError("data.dataset imagefolder needs data.source: a folder of class folders, "
+                          "a .zip/.tar.gz file, or an http(s) URL of one")
+    return params
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> dict:
     path = Path(path)
     try:
@@ -146,7 +165,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict:
         raise ParamsError(f"{path} not found (run the stages from the project root)") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    return validate(raw)
+    return check_combinations(validate(raw))
 
 
 def flatten(params: dict, prefix: str = "") -> dict:

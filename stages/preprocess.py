@@ -1,8 +1,10 @@
 """Stage 2 — preprocess: raw idx files -> compact tensors in data/prepared/, saved once.
 
-Writes train.pt / val.pt / test.pt ({"images": uint8 N×C×H×W, "labels": int64 N}) and meta.json
-(class names, per-channel mean/std of the training split, shapes, sha256 of each split). The
-validation split is carved from train with a seeded permutation; output bytes are identical across runs.
+Writes train.pt / val.pt / test.pt ({"images": uint8 N×C×H×W, "labels": int64 N}) and meta.json, the
+data card (class names, per-channel mean/std of the training split, shapes, input format, sha256 of
+each split, unreadable files skipped). The validation split is carved from train with a seeded
+permutation; output bytes are identical across runs. Image folders are decoded to RGB at
+preprocess.image_size (shorter side resized, center crop).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 
 from stages.data import PREPARED_DIR, pad_images
-from stages.datasets import get_dataset, read_idx
+from stages.datasets import get_dataset, read_cifar, read_idx, read_image_folder
 from stages.errors import PipelineError, run
 from stages.files import torch_save, write_json
 from stages.params import load_params
@@ -33,18 +35,35 @@ def split_digest(split: dict) -> str:
     return h.hexdigest()
 
 
-def prepare(raw: dict, classes: list[str], cfg: dict, seed: int) -> tuple[dict, dict]:
-    """raw = {"train": (images, labels), "test": (...)} -> ({split: tensors}, meta)."""
-    (train_x, train_y), (test_x, test_y) = raw["train"], raw["test"]
+def carve(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of range(n) into (`size` held-out indices, the rest), both sorted."""
+    order = torch.randperm(n, generator=generator)
+    return order[:size].sort().values, order[size:].sort().values
+
+
+def prepare(raw: dict, classes: list[str], cfg: dict, seed: int, resize: str = "stretch") -> tuple[dict, dict]:
+    """raw = {"train": (images, labels), "test": (...) or None} -> ({split: tensors}, meta).
+
+    Without a test split (an image folder with no val/ or test/), `test_size` images are carved from
+    train first; then `val_size` validation images, both with the seeded permutation."""
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_y = raw["train"]
     if cfg["max_train"]:
         train_x, train_y = train_x[: cfg["max_train"]], train_y[: cfg["max_train"]]
+    if raw["test"] is None:
+        if not 0 < cfg["test_size"] < len(train_x):
+            raise PipelineError(f"this data set has no test split: set preprocess.test_size to how many of its "
+                                f"{len(train_x)} images to hold out for testing (now {cfg['test_size']})")
+        test_idx, train_idx = carve(len(train_x), cfg["test_size"], generator)
+        (test_x, test_y), (train_x, train_y) = (train_x[test_idx], train_y[test_idx]), (train_x[train_idx], train_y[train_idx])
+    else:
+        test_x, test_y = raw["test"]
     if cfg["max_test"]:
         test_x, test_y = test_x[: cfg["max_test"]], test_y[: cfg["max_test"]]
     if cfg["val_size"] >= len(train_x):
         raise PipelineError(f"preprocess.val_size={cfg['val_size']} must be smaller than the "
                             f"{len(train_x)} training images")
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[: cfg["val_size"]].sort().values, order[cfg["val_size"]:].sort().values
+    val_idx, train_idx = carve(len(train_x), cfg["val_size"], generator)
 
     def make(x, y):
         return {"images": pad_images(x, cfg["pad_to"]), "labels": y.to(torch.int64).contiguous()}
@@ -60,28 +79,44 @@ def prepare(raw: dict, classes: list[str], cfg: dict, seed: int) -> tuple[dict, 
         "std": std,
         "input_shape": [c, h, w],
         "source_size": list(train_x.shape[-2:]),
+        "input": {"channels": c, "size": list(train_x.shape[-2:]), "pad_to": [h, w], "resize": resize},
         "counts": {name: len(s["labels"]) for name, s in splits.items()},
         "sha256": {name: split_digest(s) for name, s in splits.items()},
     }
     return splits, meta
 
 
-def main(args) -> None:
-    params = load_params()
-    dataset = get_dataset(params["data"]["dataset"])
-    src = RAW_DIR / dataset.name
+def read_raw(dataset, src: Path, cfg: dict):
+    """The downloaded files -> ({"train": (images, labels), "test": ... or None}, classes, skipped files)."""
+    if dataset.kind == "imagefolder":
+        if not src.is_dir():
+            raise PipelineError(f"{src} not found; run the download stage first")
+        raw, classes, skipped = read_image_folder(src, cfg["image_size"])
+        return raw, classes, skipped
     names = [name for name, _ in dataset.files]
     missing = [n for n in names if not (src / n).exists()]
     if missing:
         raise PipelineError(f"{src} lacks {', '.join(missing)}; run the download stage first")
+    if dataset.kind == "cifar":
+        train, test, classes = read_cifar(src / names[0])
+        return {"train": train, "test": test}, classes, []
     images_train, labels_train, images_test, labels_test = (read_idx(src / n) for n in names)
-    raw = {"train": (images_train, labels_train), "test": (images_test, labels_test)}
-    splits, meta = prepare(raw, dataset.classes, params["preprocess"], params["seed"])
+    return {"train": (images_train, labels_train), "test": (images_test, labels_test)}, dataset.classes, []
+
+
+def main(args) -> None:
+    params = load_params()
+    dataset = get_dataset(params["data"]["dataset"])
+    raw, classes, skipped = read_raw(dataset, RAW_DIR / dataset.name, params["preprocess"])
+    resize = "center_crop" if dataset.kind == "imagefolder" else "stretch"
+    splits, meta = prepare(raw, classes, params["preprocess"], params["seed"], resize)
     meta["dataset"] = dataset.name
+    meta["skipped_files"] = {"count": len(skipped), "first": skipped[:20]}
     for name, split in splits.items():
         torch_save(split, PREPARED_DIR / f"{name}.pt")
     write_json(PREPARED_DIR / "meta.json", meta)
-    print(f"{PREPARED_DIR}: {meta['counts']} images of {meta['input_shape']}, mean {meta['mean']} std {meta['std']}")
+    print(f"{PREPARED_DIR}: {meta['counts']} images of {meta['input_shape']}, mean {meta['mean']} std {meta['std']}"
+          + (f"; skipped {len(skipped)} unreadable files (listed in meta.json)" if skipped else ""))
 
 
 if __name__ == "__main__":

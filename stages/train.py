@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from stages.checkpoint import FORMAT, load_checkpoint
 from stages.data import load_meta, load_split
-from stages.engine import evaluate, make_normalizer, resolve_device, train_one_epoch
+from stages.engine import evaluate, make_augmenter, make_normalizer, resolve_device, train_one_epoch
 from stages.errors import PipelineError, run
 from stages.files import torch_save, write_json, write_text
-from stages.models import build_model, model_config
+from stages.models import build_model, freeze_backbone, imagenet_weights_path, model_config
 from stages.params import load_params
 from stages.tracking import Tracker
 
@@ -69,15 +69,22 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, resume: dict
     """Train the configured model; returns (model, history, checkpoint dict of the last epoch, seconds).
 
     on_step(global_step, loss) runs after every SGD step, on_epoch(history_row, seconds) after every
-    epoch, save_checkpoint(checkpoint) after every epoch's validation."""
-    cfg = params["train"]
+    epoch, save_checkpoint(checkpoint) after every epoch's validation. With model.pretrained the net
+    starts from ImageNet weights (not read on resume: the checkpoint has all weights); with
+    model.freeze_backbone only its last layer is trained."""
+    cfg, model_cfg = params["train"], params["model"]
     torch.manual_seed(params["seed"])
-    config = model_config(params["model"]["name"], meta["input_shape"], len(meta["classes"]))
-    model = build_model(config).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])
+    config = model_config(model_cfg["name"], meta["input_shape"], len(meta["classes"]))
+    model = build_model(config, pretrained=model_cfg["pretrained"] and not resume)
+    if model_cfg["freeze_backbone"]:
+        freeze_backbone(model, config["name"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                                momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     loss_fn = nn.CrossEntropyLoss()
     shuffle = torch.Generator().manual_seed(params["seed"])
+    augment_rng = torch.Generator().manual_seed(params["seed"] + 1)  # a stream apart from the shuffle's
+    augment = make_augmenter(cfg["augment_crop"], cfg["augment_flip"], augment_rng)
     normalize = make_normalizer(meta["mean"], meta["std"], device)
     (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
     history, start_epoch = [], 0
@@ -85,6 +92,7 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, resume: dict
         model.load_state_dict(resume["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
         shuffle.set_state(resume["shuffle_rng"])
+        augment_rng.set_state(resume["augment_rng"])
         torch.set_rng_state(resume["torch_rng"])
         history, start_epoch = list(resume["history"]), resume["epoch"]
     steps_per_epoch = -(-len(train_y) // cfg["batch_size"])
@@ -99,7 +107,7 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, resume: dict
         with tqdm(total=len(train_y), unit="img", desc=f"epoch {epoch}/{cfg['epochs']}", leave=False,
                   disable=None, mininterval=1.0) as bar:
             train_loss = train_one_epoch(model, optimizer, loss_fn, train_x, train_y, normalize,
-                                         cfg["batch_size"], shuffle, step_hook, bar)
+                                         cfg["batch_size"], shuffle, step_hook, bar, augment)
         seconds = time.perf_counter() - began
         val = evaluate(model, val_x, val_y, normalize, EVAL_BATCH)
         epoch_seconds.append(seconds)
@@ -113,7 +121,8 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, resume: dict
         ckpt = {"format": FORMAT, "model": config,
                 "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                 "epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
-                "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state()}
+                "shuffle_rng": shuffle.get_state(), "augment_rng": augment_rng.get_state(),
+                "torch_rng": torch.get_rng_state()}
         if save_checkpoint:
             save_checkpoint(ckpt)
     return model, history, ckpt, epoch_seconds
@@ -135,6 +144,8 @@ def main(args) -> None:
     n_train, log_every = len(data["train"][1]), params["train"]["log_every"]
     expect = fingerprint(params, meta)
     resume = try_resume(CHECKPOINT_PATH, expect, params["train"]["epochs"])
+    if resume is None and params["model"]["pretrained"]:
+        imagenet_weights_path(params["model"]["name"])  # missing weights fail here, before anything is written
     if resume is None:
         shutil.rmtree(LOG_DIR, ignore_errors=True)
     from torch.utils.tensorboard import SummaryWriter
@@ -174,8 +185,7 @@ def main(args) -> None:
 
     final = {k: last[k] for k in ("format", "model", "state_dict", "epoch")}
     final.update(classes=meta["classes"], normalization={"mean": meta["mean"], "std": meta["std"]},
-                 input={"channels": meta["input_shape"][0], "size": meta["source_size"],
-                        "pad_to": meta["input_shape"][1:]},
+                 input=meta["input"],
                  params=params, dataset=meta["dataset"], val_metrics=history[-1])
     torch_save(final, MODEL_PATH)
     write_json(METRICS_PATH, {"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}})

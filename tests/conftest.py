@@ -115,3 +115,30 @@ def trained_project(tmp_path_factory, prepared_project) -> Path:
         result = run_stage(folder, stage)
         assert result.returncode == 0, f"{stage}: {result.stderr}"
     return folder
+
+
+@pytest.fixture
+def serve_folder():
+    """Start a static HTTP server on 127.0.0.1 for a folder; returns its base URL. Stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    servers = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    def start(folder: Path) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -24,8 +24,8 @@ def test_committed_params_are_valid():
     ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
     ({"train": {"batch_size": True}}, "train.batch_size must be an integer, got bool"),
     ({"train": {"device": "tpu"}}, "train.device must be one of auto, cpu, cuda or cuda:N"),
-    ({"data": {"dataset": "imagenet"}}, "data.dataset must be one of fashion_mnist; got 'imagenet'"),
-    ({"model": {"name": "vgg99"}}, "model.name must be one of cifar10_quick; got 'vgg99'"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset must be one of fashion_mnist, mnist, cifar10, imagefolder; got 'imagenet'"),
+    ({"model": {"name": "vgg99"}}, "model.name must be one of cifar10_quick, vgg16, resnet18; got 'vgg99'"),
     ({"data": {"mirrors": "/tmp"}}, "data.mirrors must be a list"),
     ({"preprocess": {"val_size": -1}}, "preprocess.val_size must be >= 1"),
 ])
@@ -34,6 +34,16 @@ def test_bad_values_are_named_with_what_is_allowed(overrides, message):
         validate(make_params(overrides))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": {"freeze_backbone": True}}, "model.freeze_backbone: true needs model.pretrained: true"),
+    ({"data": {"dataset": "imagefolder"}}, "data.dataset imagefolder needs data.source"),
+])
+def test_combinations_that_cannot_work(tmp_path, overrides, message):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params(overrides)))
+    with pytest.raises(ParamsError, match=message):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_missing_key_and_non_mapping():

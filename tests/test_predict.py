@@ -27,6 +27,7 @@ from stages import predict as P
 from stages.checkpoint import FORMAT, load_checkpoint, load_model
 from stages.engine import make_normalizer
 from stages.errors import PipelineError
+from stages.images import MAX_PIXELS
 
 N_PARITY = 20
 
@@ -250,7 +251,7 @@ def no_decoding(monkeypatch):
 def test_decompression_bomb_is_refused_before_decoding(loaded, tmp_path, no_decoding):
     _, ckpt = loaded
     side = 9000
-    assert side * side > P.MAX_PIXELS
+    assert side * side > MAX_PIXELS
     bomb = tmp_path / "bomb.png"
     Image.new("1", (side, side)).save(bomb)  # ~10 MB in memory, a 10 kB file
     assert bomb.stat().st_size < 100_000

@@ -1,11 +1,12 @@
 """The train stage: outputs, learning, resume, and the metrics files that dvc reads."""
 import csv
 import json
+import shutil
 
 import pytest
 import torch
 
-from conftest import make_params, run_stage
+from conftest import make_params, run_stage, write_params
 from stages.checkpoint import FORMAT, load_checkpoint
 from stages.data import load_meta, load_split
 from stages.engine import resolve_device
@@ -18,7 +19,7 @@ def test_train_outputs(trained_project):
     assert model["format"] == FORMAT and model["epoch"] == 1
     assert model["model"] == {"name": "cifar10_quick", "in_channels": 1, "input_size": [32, 32], "num_classes": 10}
     assert model["classes"][9] == "Ankle boot" and len(model["normalization"]["mean"]) == 1
-    assert model["input"] == {"channels": 1, "size": [28, 28], "pad_to": [32, 32]}
+    assert model["input"] == {"channels": 1, "size": [28, 28], "pad_to": [32, 32], "resize": "stretch"}
     assert model["params"]["train"]["lr"] == 0.01 and "optimizer" not in model
 
     metrics = json.loads((trained_project / "metrics/train.json").read_text())
@@ -57,14 +58,15 @@ def test_training_learns(prepared_project):
     assert history[-1]["val_accuracy"] > 0.5  # chance is 0.1
 
 
-def test_resumed_run_equals_uninterrupted_run(prepared_project):
+@pytest.mark.parametrize("augment", [{}, {"augment_crop": 4, "augment_flip": True}], ids=["plain", "augmented"])
+def test_resumed_run_equals_uninterrupted_run(prepared_project, augment):
     meta, data = small_data(prepared_project, 200)
-    params = make_params({"train": {"epochs": 2, "momentum": 0.9}})
+    params = make_params({"train": {"epochs": 2, "momentum": 0.9, **augment}})
     quiet = dict(print_fn=lambda *_: None)
     model_a, history_a, _, _ = fit(params, meta, data, torch.device("cpu"), **quiet)
 
     saved = []
-    first = make_params({"train": {"epochs": 1, "momentum": 0.9}})
+    first = make_params({"train": {"epochs": 1, "momentum": 0.9, **augment}})
     fit(first, meta, data, torch.device("cpu"), save_checkpoint=saved.append, **quiet)
     model_b, history_b, _, seconds = fit(params, meta, data, torch.device("cpu"), resume=saved[-1], **quiet)
 
@@ -99,9 +101,17 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         resolve_device("cuda")
 
 
-def test_train_without_prepared_data_says_what_to_run(tmp_path):
-    from conftest import write_params
+def test_missing_imagenet_weights_stop_train_before_it_writes_anything(prepared_project, tmp_path, monkeypatch):
+    shutil.copytree(prepared_project / "data", tmp_path / "data")
+    write_params(tmp_path, {"model": {"name": "resnet18", "pretrained": True}})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    result = run_stage(tmp_path, "train")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"resnet18-f37072fd.pth is not in {tmp_path / 'torch/hub/checkpoints'}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
 
+
+def test_train_without_prepared_data_says_what_to_run(tmp_path):
     write_params(tmp_path)
     result = run_stage(tmp_path, "train")
     assert result.returncode == 2
