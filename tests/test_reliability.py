@@ -128,3 +128,24 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "PipelineError" in debug.stderr
     assert os.listdir(tmp_path) == ["params.yaml"]
+
+
+def test_out_of_space_is_one_clear_line_and_leaves_the_old_files(trained_project, tmp_path):
+    """A write that the disk refuses (here a file-size limit, which fails writes exactly like a full disk
+    does, with no mount needed) stops the stage with one line and leaves the previous outputs whole."""
+    import resource
+
+    folder = copy_of(trained_project, tmp_path, "full")
+    before = (folder / "models/export/state_dict.pt").read_bytes()
+    assert len(before) > 64 * 1024
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    result = subprocess.run([sys.executable, "-m", "stages.export"], cwd=folder, env=clean_env(PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: cannot write models/export/state_dict.pt: File too large"]
+    assert (folder / "models/export/state_dict.pt").read_bytes() == before
+    assert not list(folder.rglob(".*.tmp"))
