@@ -1,14 +1,17 @@
 # make run   — set up .venv and the data mirror, then rebuild the whole pipeline with `dvc repro`
 # make test  — the test suite (what CI runs)
+# make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 UI_PORT ?= 5000
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5001
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test setup data-mirror tensorboard ui clean-venv
+.PHONY: run test setup data-mirror tensorboard ui mlflow-server clean-venv
 
 run: setup
 	dvc repro
@@ -45,6 +48,11 @@ tensorboard: setup
 ui: setup
 	$(PY) -m stages.tracking --port $(UI_PORT)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# Tracking server for the team: runs in PostgreSQL (mlserver/pgdata), artifacts served from
+# mlserver/artifacts. Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT.
+mlflow-server: setup
+	$(PY) scripts/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 clean-venv:
 	rm -rf $(VENV)
