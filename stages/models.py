@@ -48,6 +48,45 @@ class Tudui(nn.Module):
         return self.model(x)
 
 
+class FastCNN(nn.Module):
+    """The fast recipe's net: the tutorial's three conv + max-pool stages with 3×3 kernels, BatchNorm and
+    ReLU (the tutorial net has no nonlinearity but its max-pools), then a global max-pool and one Linear.
+
+    Stage i: `convs[i]` × (conv 3×3 -> BN -> ReLU) with `widths[i]` channels, then a 2×2 max-pool.
+    Any input from 8×8 up.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs: list[int]):
+        super().__init__()
+        layers, channels = [], in_channels
+        for width, count in zip(widths, convs):
+            for _ in range(count):
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.amax(self.features(x), dim=(2, 3)))
+
+
+class FlipAveraged(nn.Module):
+    """Test-time augmentation baked into the model (model.tta_flip): in eval mode the logits are the mean
+    of the image's and its left-right mirror's, so evaluate, predict and the ONNX export all agree.
+    Training runs the plain net."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if self.training:
+            return self.net(x)
+        return (self.net(x) + self.net(x.flip(3))) / 2
+
+
 def tudui(config: dict, imagenet: dict | None) -> Tudui:
     return Tudui(config["in_channels"], tuple(config["input_size"]), config["num_classes"])
 
@@ -89,8 +128,16 @@ def resnet18(config: dict, imagenet: dict | None) -> nn.Module:
     return net
 
 
-MODELS = {"cifar10_quick": tudui, "vgg16": vgg16, "resnet18": resnet18}
-HEADS = {"cifar10_quick": "model.8", "vgg16": "classifier.6", "resnet18": "fc"}  # the replaced last layer
+def fast_cnn(config: dict, imagenet: dict | None) -> FastCNN:
+    h, w = config["input_size"]
+    if min(h, w) < 8:
+        raise PipelineError(f"fast_cnn needs inputs of at least 8×8 (three 2×2 max-pools), got {h}×{w}")
+    return FastCNN(config["in_channels"], config["num_classes"], config["widths"], config["convs"])
+
+
+MODELS = {"cifar10_quick": tudui, "fast_cnn": fast_cnn, "vgg16": vgg16, "resnet18": resnet18}
+HEADS = {"cifar10_quick": "model.8", "fast_cnn": "head", "vgg16": "classifier.6", "resnet18": "fc"}  # the last layer
+FAST_CNN = {"widths": [32, 64, 128], "convs": [1, 1, 1]}  # channels and conv layers of its three stages
 
 
 def fit_channels(conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv2d:
@@ -145,12 +192,16 @@ def load_imagenet(net: nn.Module, imagenet: dict | None) -> nn.Module:
     return net
 
 
-def model_config(name: str, input_shape: list[int], num_classes: int) -> dict:
+def model_config(name: str, input_shape: list[int], num_classes: int, tta_flip: bool = False) -> dict:
     """The dict a checkpoint stores so that `build_model` can rebuild the same net, without downloads."""
     config = {"name": name, "in_channels": input_shape[0], "input_size": list(input_shape[1:]),
               "num_classes": num_classes}
     if name == "resnet18":
         config["small_input_stem"] = min(input_shape[1:]) < SMALL_INPUT
+    if name == "fast_cnn":
+        config.update({k: list(v) for k, v in FAST_CNN.items()})
+    if tta_flip:
+        config["tta_flip"] = True
     return config
 
 
@@ -160,11 +211,13 @@ def build_model(config: dict, pretrained: bool = False) -> nn.Module:
     if config["name"] not in MODELS:
         raise PipelineError(f"unknown model {config['name']!r}; allowed: {', '.join(MODELS)}")
     imagenet = read_imagenet_weights(config["name"]) if pretrained else None
-    return MODELS[config["name"]](config, imagenet)
+    net = MODELS[config["name"]](config, imagenet)
+    return FlipAveraged(net) if config.get("tta_flip") else net
 
 
 def freeze_backbone(model: nn.Module, name: str) -> None:
     """Leave requires_grad only in the replaced last layer (BatchNorm running statistics still update in
     train mode, as in the PyTorch transfer-learning tutorial)."""
     model.requires_grad_(False)
-    model.get_submodule(HEADS[name]).requires_grad_(True)
+    net = model.net if isinstance(model, FlipAveraged) else model
+    net.get_submodule(HEADS[name]).requires_grad_(True)

@@ -15,7 +15,9 @@ import yaml
 from stages.errors import PipelineError
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagefolder")
-MODELS = ("cifar10_quick", "vgg16", "resnet18")
+MODELS = ("cifar10_quick", "fast_cnn", "vgg16", "resnet18")
+SCHEDULES = ("constant", "onecycle")
+PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -24,7 +26,7 @@ class ParamsError(PipelineError):
 
 
 # A check takes (dotted key, value) and returns the value, or raises ParamsError.
-def _number(kind, minimum=None, above=None):
+def _number(kind, minimum=None, above=None, below=None):
     def check(key, value):
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             hint = ""
@@ -36,6 +38,8 @@ def _number(kind, minimum=None, above=None):
             raise ParamsError(f"{key} must be > {above}, got {value}")
         if minimum is not None and value < minimum:
             raise ParamsError(f"{key} must be >= {minimum}, got {value}")
+        if below is not None and not value < below:
+            raise ParamsError(f"{key} must be < {below}, got {value}")
         return kind(value)
     return check
 
@@ -95,14 +99,22 @@ SCHEMA = {
         "name": _choice(MODELS),
         "pretrained": _bool,
         "freeze_backbone": _bool,
+        "tta_flip": _bool,
     },
     "train": {
         "device": _device,
+        "nproc": _number(int, minimum=1),
         "epochs": _number(int, minimum=1),
         "batch_size": _number(int, minimum=1),
         "lr": _number(float, above=0),
         "momentum": _number(float, minimum=0),
+        "nesterov": _bool,
         "weight_decay": _number(float, minimum=0),
+        "schedule": _choice(SCHEDULES),
+        "warmup": _number(float, minimum=0, below=1),
+        "label_smoothing": _number(float, minimum=0, below=1),
+        "ema": _number(float, minimum=0, below=1),
+        "precision": _choice(PRECISIONS),
         "log_every": _number(int, minimum=1),
         "augment_crop": _number(int, minimum=0),
         "augment_flip": _bool,
@@ -151,6 +163,8 @@ def check_combinations(params: dict) -> dict:
     if params["model"]["freeze_backbone"] and not params["model"]["pretrained"]:
         raise ParamsError("model.freeze_backbone: true needs model.pretrained: true (freezing random weights "
                           "leaves only the last layer to learn)")
+    if params["train"]["nesterov"] and not params["train"]["momentum"]:
+        raise ParamsError("train.nesterov: true needs train.momentum > 0 (Nesterov is a kind of momentum)")
     if params["data"]["dataset"] == "imagefolder" and not params["data"]["source"]:
         raise ParamsError("data.dataset imagefolder needs data.source: a folder of class folders, "
                           "a .zip/.tar.gz file, or an http(s) URL of one")

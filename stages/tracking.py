@@ -10,10 +10,13 @@ would otherwise log into that copy and lose their runs.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from stages.files import write_json
@@ -69,6 +72,15 @@ def run_tags(device: str) -> dict:
     return tags
 
 
+SQLITE_RETRIES = 8  # about 15 s of pauses in all
+
+
+def _sqlite_contention(exc: Exception, uri: str) -> bool:
+    text = str(exc).lower()
+    return uri.startswith("sqlite:") and any(
+        sign in text for sign in ("database is locked", "already exists", "unique constraint failed"))
+
+
 class Tracker:
     """Logs to one MLflow run through MlflowClient; every method is a no-op once tracking is off."""
 
@@ -81,21 +93,44 @@ class Tracker:
         _configure_mlflow(self.cfg["timeout_s"])
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(tracking_uri(self.cfg))
+        uri = tracking_uri(self.cfg)
+        if not uri.startswith("sqlite:///"):
+            self.client = MlflowClient(uri)
+            return
+        # Opening a sqlite store creates or upgrades its tables; two processes doing that at once (parallel
+        # queued experiments on a new store) break each other's migration, so they take turns.
+        with open(uri[len("sqlite:///"):] + ".lock", "a") as lock:
+            deadline = time.monotonic() + 60  # a stuck neighbour must not stall training
+            while time.monotonic() < deadline:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.1)
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+        self.client = client
 
     @property
     def active(self) -> bool:
         return self.client is not None and self.run_id is not None
 
     def _guard(self, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # tracking must never be what breaks a stage
-            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-            print(f"warning: MLflow tracking off for this stage ({tracking_uri(self.cfg)}): {reason}",
-                  file=sys.stderr, flush=True)
-            self.client = None
-            return None
+        """fn(...), or None with one warning line that turns tracking off. SQLite allows one writer at a
+        time: parallel queued experiments sharing mlflow.db get "database is locked" (or race to create
+        its tables) now and then, so those errors are retried with a growing, jittered pause first."""
+        for attempt in range(SQLITE_RETRIES + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # tracking must never be what breaks a stage
+                if attempt < SQLITE_RETRIES and _sqlite_contention(exc, tracking_uri(self.cfg)):
+                    time.sleep(min(0.2 * 2 ** attempt, 3.0) * (0.5 + random.random()))
+                    continue
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                print(f"warning: MLflow tracking off for this stage ({tracking_uri(self.cfg)}): {reason}",
+                      file=sys.stderr, flush=True)
+                self.client = None
+                return None
 
     @classmethod
     def start(cls, cfg: dict, params: dict, device: str, run_id: str | None = None) -> "Tracker":
@@ -106,7 +141,7 @@ class Tracker:
         if tracker.client and run_id and tracker._reopen(run_id):
             tracker.run_id = run_id
         elif tracker.client:
-            tracker.run_id = tracker._guard(tracker._create_run, params, device)
+            tracker.run_id = tracker._create_run(params, device)
         write_json(RUN_FILE, {"run_id": tracker.run_id, "tracking_uri": tracking_uri(cfg) if tracker.run_id else None})
         return tracker
 
@@ -117,23 +152,32 @@ class Tracker:
         except Exception:  # not in this store (any more): start a new run instead
             return False
 
-    def _create_run(self, params: dict, device: str) -> str:
+    def _experiment_id(self) -> str:
+        name, uri = self.cfg["experiment"], tracking_uri(self.cfg)
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        # A parallel run may create it first: then this fails, and _guard retries and finds it.
+        location = (project_root() / "mlartifacts" / name).as_uri() if uri.startswith("sqlite:") else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def _create_run(self, params: dict, device: str) -> str | None:
+        """A new run with its tags and params; each step guarded (and retried) on its own, so a retry
+        never makes a second run."""
         from mlflow.entities import Param
 
         from stages.params import flatten
 
-        name, uri = self.cfg["experiment"], tracking_uri(self.cfg)
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is None:
-            location = (project_root() / "mlartifacts" / name).as_uri() if uri.startswith("sqlite:") else None
-            experiment_id = self.client.create_experiment(name, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None,
-                                     tags=run_tags(device))
+        experiment_id = self._guard(self._experiment_id)
+        if experiment_id is None:
+            return None
+        run = self._guard(self.client.create_run, experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None,
+                          tags=run_tags(device))
+        if run is None:
+            return None
         params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flatten(params).items()]
-        self.client.log_batch(run.info.run_id, params=params)
-        return run.info.run_id
+        self._guard(self.client.log_batch, run.info.run_id, params=params)
+        return run.info.run_id if self.client else None
 
     @classmethod
     def resume(cls, cfg: dict) -> "Tracker":
@@ -147,7 +191,6 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         if self.active:
             from mlflow.entities import Metric
-            import time
 
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]

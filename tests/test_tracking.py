@@ -115,21 +115,33 @@ def test_dvc_experiments_become_named_mlflow_runs(exp_repo):
 
 
 @pytest.mark.slow
-def test_queued_experiment_logs_to_the_repo_root_store(exp_repo):
-    sh(exp_repo, "dvc", "exp", "run", "--queue", "-n", "queued-lr", "-S", "train.lr=0.03")
-    sh(exp_repo, "dvc", "queue", "start", "-j", "1")
-    deadline = time.time() + 300
+def test_parallel_queued_experiments_all_log_to_the_repo_root_store(exp_repo):
+    """Four lr/epoch variants queued, two workers at a time: every one finishes as its own MLflow run in
+    the repo root's sqlite store (not in the temporary copies), with no lost or doubled runs."""
+    variants = {"q-lr02": ("0.02", "1"), "q-lr03": ("0.03", "1"), "q-lr05-e2": ("0.05", "2"), "q-lr08": ("0.08", "1")}
+    for name, (lr, epochs) in variants.items():
+        sh(exp_repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", "-S", f"train.epochs={epochs}")
+    sh(exp_repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 480
     while time.time() < deadline:
         status = sh(exp_repo, "dvc", "queue", "status")
-        if "queued-lr" in status and not any(word in status for word in ("Running", "Queued")):
+        if all(name in status for name in variants) and not any(w in status for w in ("Running", "Queued")):
             break
         time.sleep(3)
-    assert "Success" in status, status
-    run = runs_of(exp_repo)["queued-lr"]
-    assert run.data.params["train.lr"] == "0.03" and run.info.status == "FINISHED"
-    assert "test_accuracy" in run.data.metrics
-    assert not list((exp_repo / ".dvc" / "tmp").rglob("mlflow.db"))
     sh(exp_repo, "dvc", "queue", "stop", check=False)
+    assert status.count("Success") >= len(variants), status
+    runs = runs_of(exp_repo)
+    for name, (lr, epochs) in variants.items():
+        run = runs[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.lr"] == lr and run.data.params["train.epochs"] == epochs
+        assert "test_accuracy" in run.data.metrics
+        log = sh(exp_repo, "dvc", "queue", "logs", name, check=False)
+        assert "warning: MLflow" not in log, log
+    client = client_for(exp_repo)
+    every_run = client.search_runs([client.get_experiment_by_name("tudui-pipeline").experiment_id])
+    assert sorted(r.info.run_name for r in every_run if r.info.run_name in variants) == sorted(variants)
+    assert not list((exp_repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """The train stage: outputs, learning, resume, and the metrics files that dvc reads."""
+import copy
 import csv
 import json
 import shutil
@@ -6,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_params, run_stage, write_params
+from conftest import make_params, merge, run_stage, write_params
 from stages.checkpoint import FORMAT, load_checkpoint
 from stages.data import load_meta, load_split
 from stages.engine import resolve_device
@@ -58,21 +59,53 @@ def test_training_learns(prepared_project):
     assert history[-1]["val_accuracy"] > 0.5  # chance is 0.1
 
 
-@pytest.mark.parametrize("augment", [{}, {"augment_crop": 4, "augment_flip": True}], ids=["plain", "augmented"])
-def test_resumed_run_equals_uninterrupted_run(prepared_project, augment):
-    meta, data = small_data(prepared_project, 200)
-    params = make_params({"train": {"epochs": 2, "momentum": 0.9, **augment}})
-    quiet = dict(print_fn=lambda *_: None)
-    model_a, history_a, _, _ = fit(params, meta, data, torch.device("cpu"), **quiet)
+FAST = {"model": {"name": "fast_cnn", "tta_flip": True},
+        "train": {"schedule": "onecycle", "momentum": 0.9, "nesterov": True, "label_smoothing": 0.1, "ema": 0.9,
+                  "lr": 0.02}}
 
+
+@pytest.mark.parametrize("overrides", [{}, {"train": {"augment_crop": 4, "augment_flip": True}}, FAST],
+                         ids=["plain", "augmented", "fast-recipe"])
+def test_resumed_run_equals_uninterrupted_run(prepared_project, overrides):
+    meta, data = small_data(prepared_project, 200)
+    params = make_params(merge({"train": {"epochs": 2, "momentum": 0.9}}, overrides))
+    quiet = dict(print_fn=lambda *_: None)
     saved = []
-    first = make_params({"train": {"epochs": 1, "momentum": 0.9, **augment}})
-    fit(first, meta, data, torch.device("cpu"), save_checkpoint=saved.append, **quiet)
-    model_b, history_b, _, seconds = fit(params, meta, data, torch.device("cpu"), resume=saved[-1], **quiet)
+    snapshot = lambda ckpt: saved.append(copy.deepcopy(ckpt))  # noqa: E731  (the dict holds live tensors)
+    model_a, history_a, _, _ = fit(params, meta, data, torch.device("cpu"), save_checkpoint=snapshot, **quiet)
+    assert [ckpt["epoch"] for ckpt in saved] == [1, 2]
+
+    model_b, history_b, _, seconds = fit(params, meta, data, torch.device("cpu"), resume=saved[0], **quiet)
 
     assert len(seconds) == 1 and history_b == history_a
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_constant_lr_runs_continue_with_more_epochs(prepared_project):
+    """With the tutorial's constant lr, a 1-epoch run resumed to 2 epochs equals a 2-epoch run."""
+    meta, data = small_data(prepared_project, 200)
+    quiet = dict(print_fn=lambda *_: None)
+    model_a, history_a, _, _ = fit(make_params({"train": {"epochs": 2}}), meta, data, torch.device("cpu"), **quiet)
+    saved = []
+    fit(make_params({"train": {"epochs": 1}}), meta, data, torch.device("cpu"), save_checkpoint=saved.append, **quiet)
+    model_b, history_b, _, _ = fit(make_params({"train": {"epochs": 2}}), meta, data, torch.device("cpu"),
+                                   resume=saved[-1], **quiet)
+    assert history_b == history_a
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+
+
+def test_fast_recipe_model_file_holds_the_averaged_weights(prepared_project, tmp_path):
+    shutil.copytree(prepared_project / "data", tmp_path / "data")
+    write_params(tmp_path, merge(FAST, {"train": {"epochs": 2}}))
+    result = run_stage(tmp_path, "train")
+    assert result.returncode == 0, result.stderr
+    final = torch.load(tmp_path / "models/model.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "models/checkpoint.pt", weights_only=True)
+    assert final["model"]["tta_flip"] and final["model"]["widths"] == [32, 64, 128]
+    assert all(torch.equal(final["state_dict"][k], v) for k, v in ckpt["average"]["weights"].items())
+    assert not torch.equal(final["state_dict"]["net.head.weight"], ckpt["state_dict"]["net.head.weight"])
+    assert json.loads((tmp_path / "metrics/train.json").read_text())["val_accuracy"] > 0.25  # chance: 0.1
 
 
 def test_checkpoint_from_other_settings_is_not_resumed(prepared_project, tmp_path):

@@ -59,7 +59,7 @@ def imagenet_resnet18(tmp_path_factory):
 
 @pytest.mark.parametrize("classes", [10, 2])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("name", ["cifar10_quick", "resnet18", "vgg16"])
+@pytest.mark.parametrize("name", ["cifar10_quick", "fast_cnn", "resnet18", "vgg16"])
 def test_every_model_builds_and_backpropagates_on_every_data_shape(name, shape, classes):
     net = built(name, shape, classes)
     logits = net(torch.rand(2, *shape))

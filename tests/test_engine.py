@@ -1,0 +1,70 @@
+"""The training-loop pieces of the fast recipe: the onecycle schedule, weight averaging, flip test-time
+augmentation baked into the model, and the fast_cnn net."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_params
+from stages.engine import WeightAverage, learning_rate
+from stages.models import FastCNN, FlipAveraged, build_model, freeze_backbone, model_config
+from stages.train import fingerprint
+
+
+def test_constant_schedule_is_the_tutorials():
+    assert {learning_rate(step, 100, 0.01, "constant", 0.2) for step in range(100)} == {0.01}
+
+
+def test_onecycle_rises_to_the_peak_then_falls_to_zero():
+    rates = [learning_rate(step, 100, 0.5, "onecycle", 0.2) for step in range(100)]
+    assert rates[0] == pytest.approx(0.5 / 20) and rates[19] == pytest.approx(0.5) and max(rates) == rates[19]
+    assert all(a < b for a, b in zip(rates[:19], rates[1:20]))
+    assert all(a > b for a, b in zip(rates[19:], rates[20:]))
+    assert rates[-1] == 0.0
+
+
+def test_onecycle_length_counts_for_resume_but_constant_does_not():
+    meta = {"sha256": "x"}
+    constant = [fingerprint(make_params({"train": {"epochs": e}}), meta) for e in (1, 2)]
+    onecycle = [fingerprint(make_params({"train": {"epochs": e, "schedule": "onecycle"}}), meta) for e in (1, 2)]
+    assert constant[0] == constant[1] and onecycle[0] != onecycle[1]
+
+
+def test_weight_average_follows_the_weights_with_its_decay():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(net, decay=0.5)
+    start = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net.train()(torch.rand(4, 2))  # moves the BatchNorm statistics and bumps its counter
+    average.update()  # first update: decay min(0.5, 2/11)
+    expected = start + (1 - 2 / 11) * 1.0
+    assert torch.allclose(average.model[0].weight, expected)
+    assert average.model[1].num_batches_tracked == net[1].num_batches_tracked == 1
+    assert not average.model.training and not any(p.requires_grad for p in average.model.parameters())
+
+    restored = WeightAverage(net, decay=0.5)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 1 and torch.equal(restored.model[0].weight, average.model[0].weight)
+
+
+def test_flip_averaging_in_eval_mode_only():
+    torch.manual_seed(0)
+    net = FastCNN(1, 10, [8, 16, 32], [1, 1, 1])
+    wrapped = FlipAveraged(net)
+    x = torch.rand(3, 1, 28, 28)
+    wrapped.train()
+    assert torch.equal(wrapped(x), net(x))
+    wrapped.eval()
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), (net(x) + net(x.flip(3))) / 2)
+        assert torch.allclose(wrapped(x), wrapped(x.flip(3)), atol=1e-6)  # a mirror gets the same answer
+
+
+def test_tta_flag_travels_in_the_config_and_freezing_still_finds_the_head():
+    config = model_config("fast_cnn", [1, 28, 28], 10, tta_flip=True)
+    assert config == {"name": "fast_cnn", "in_channels": 1, "input_size": [28, 28], "num_classes": 10,
+                      "widths": [32, 64, 128], "convs": [1, 1, 1], "tta_flip": True}
+    model = build_model(config)
+    assert isinstance(model, FlipAveraged) and model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    freeze_backbone(model, "fast_cnn")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"net.head.weight", "net.head.bias"}
