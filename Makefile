@@ -1,5 +1,7 @@
 # make run   — set up .venv and the data mirror, then rebuild the whole pipeline with `dvc repro`
 # make test  — the test suite (what CI runs)
+# make bench — the tutorial's loop vs the train stage vs the fast recipe (benchmarks/results/)
+# make fast-recipe — the fast recipe as a DVC experiment
 # make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,7 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test setup data-mirror tensorboard ui mlflow-server clean-venv
+.PHONY: run test bench fast-recipe setup data-mirror tensorboard ui mlflow-server clean-venv
 
 run: setup
 	dvc repro
@@ -25,6 +27,15 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The tutorial's loop vs the train stage vs the fast recipe, in one run; BENCH_ARGS="--epochs 2" shortens it.
+bench: setup
+	dvc repro download
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace.
+fast-recipe: setup
+	dvc exp run -f -n fast-recipe $$($(PY) benchmarks/bench.py --print-recipe)
 
 setup: $(VENV)/.installed data-mirror
 

@@ -135,7 +135,8 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, resume: dict
             train_loss = train_one_epoch(trained, optimizer, loss_fn, train_x, train_y, normalize, cfg["batch_size"],
                                          shuffle, step_hook, bar, augment, lr_at, average, bf16, group)
         seconds = time.perf_counter() - began
-        val = validate(final_model, val_x, val_y, normalize, group)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the evaluate stage uses fp32
+            val = validate(final_model, val_x, val_y, normalize, group)
         epoch_seconds.append(seconds)
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
                "val_accuracy": round(val["accuracy"], 6)}

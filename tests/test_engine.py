@@ -63,8 +63,17 @@ def test_flip_averaging_in_eval_mode_only():
 def test_tta_flag_travels_in_the_config_and_freezing_still_finds_the_head():
     config = model_config("fast_cnn", [1, 28, 28], 10, tta_flip=True)
     assert config == {"name": "fast_cnn", "in_channels": 1, "input_size": [28, 28], "num_classes": 10,
-                      "widths": [32, 64, 128], "convs": [1, 1, 1], "tta_flip": True}
+                      "widths": [32, 64, 128], "convs": [1, 1, 2], "tta_flip": True}
     model = build_model(config)
     assert isinstance(model, FlipAveraged) and model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     freeze_backbone(model, "fast_cnn")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"net.head.weight", "net.head.bias"}
+
+
+def test_fast_cnn_layers_pool_after_each_stage_last_conv():
+    net = FastCNN(1, 10, [8, 16, 32], [1, 1, 2])
+    kinds = [type(layer).__name__ for layer in net.features]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 2 + [
+        "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)  # 28 -> 14 -> 7 -> 3, then the global max
+    assert net(torch.rand(2, 1, 8, 8)).shape == (2, 10)
