@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stages import distributed
 from stages.checkpoint import FORMAT, load_checkpoint
 from stages.cpu_share import CpuShare
 from stages.data import load_meta, load_split
-from stages import distributed
 from stages.distributed import SINGLE, Group
 from stages.engine import (WeightAverage, evaluate, learning_rate, make_augmenter, make_normalizer, resolve_device,
                            train_one_epoch, use_bf16)
@@ -121,10 +121,7 @@ def fit(params: dict, meta: dict, data: dict, device: torch.device, resume: dict
     epoch_seconds = []
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
         base = (epoch - 1) * steps_per_epoch
-        step_hook = None
-        if on_step:
-            def step_hook(step, loss, base=base):
-                on_step(base + step + 1, loss)
+        step_hook = (lambda step, loss, base=base: on_step(base + step + 1, loss)) if on_step else None
 
         def lr_at(step, base=base):
             return learning_rate(base + step, total_steps, cfg["lr"], cfg["schedule"], cfg["warmup"])

@@ -84,6 +84,31 @@ def make_dvc_repo(folder: Path, overrides: dict | None = None) -> Path:
     return folder
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(base: str, process: subprocess.Popen, timeout: float, log=lambda: "") -> None:
+    """Poll `base`/health until it answers 200; fail if `process` exits or `timeout` seconds pass."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            assert process.poll() is None, f"server exited with {process.returncode}:\n{log()}"
+            assert time.time() < deadline, f"no {base}/health after {timeout} s:\n{log()}"
+            time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     """The Fashion-MNIST files from Debian's dataset-fashion-mnist (CI installs it)."""

@@ -106,7 +106,7 @@ def test_unwritable_output_is_one_clear_line(trained_project, tmp_path):
     result = run_stage(folder, "evaluate")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: cannot write metrics/eval.json: File exists (metrics)"]
+        "error: cannot write metrics/eval.json: File exists (metrics)"]
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, clean_env, make_dvc_repo, run_stage, sh, write_params
+from conftest import REPO, clean_env, free_port, make_dvc_repo, run_stage, sh, wait_until_healthy, write_params
 
 SCRIPT = REPO / "scripts" / "mlflow_server.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:
@@ -90,16 +84,7 @@ def test_mlflow_server_on_postgresql(postgresql, server_dir, trained_project, tm
         return log_path.read_text(errors="replace")[-3000:]
 
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                assert server.poll() is None, f"server exited with {server.returncode}:\n{server_log()}"
-                assert time.time() < deadline, f"no /health after 120 s:\n{server_log()}"
-                time.sleep(1)
+        wait_until_healthy(base, server, 120, server_log)
 
         project = tmp_path / "project"
         shutil.copytree(trained_project, project)

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dvc_repo, run_stage, sh, write_params
+from conftest import free_port, make_dvc_repo, run_stage, sh, wait_until_healthy, write_params
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 TRACKING = {"tracking": {"enabled": True, "uri": ""}}
@@ -29,12 +28,6 @@ def runs_of(root: Path) -> dict:
     experiment = client.get_experiment_by_name("tudui-pipeline")
     assert experiment is not None, f"no experiment in {root / 'mlflow.db'}"
     return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_stages_log_one_run(trained_project, tmp_path, monkeypatch):
@@ -157,16 +150,7 @@ def test_ui_serves_the_runs(trained_project, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
+        wait_until_healthy(base, server, 90)
         request = urllib.request.Request(
             f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tudui-pipeline")
         with urllib.request.urlopen(request, timeout=10) as response:
