@@ -5,6 +5,7 @@ channels_last layout, which this net runs fastest in on CPU; no DataLoader and n
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -100,8 +101,6 @@ class WeightAverage:
     forgotten quickly."""
 
     def __init__(self, model: nn.Module, decay: float):
-        import copy
-
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
         pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
