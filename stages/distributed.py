@@ -29,6 +29,7 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine
 
     @property
     def main(self) -> bool:
@@ -62,7 +63,8 @@ def init(device_name: str) -> tuple[Group, str]:
     """Join the process group torchrun set up; returns it and the device name this rank trains on."""
     if not under_torchrun():
         return SINGLE, device_name
-    group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                  int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
         if not torch.cuda.is_available():

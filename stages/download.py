@@ -19,7 +19,7 @@ from pathlib import Path
 from stages.archives import extract
 from stages.datasets import IdxDataset, file_matches, get_dataset
 from stages.errors import PipelineError, run
-from stages.files import atomic_path, md5_file
+from stages.files import atomic_path, md5_file, replaced_dir
 from stages.params import load_params
 
 RAW_DIR = Path("data/raw")
@@ -87,36 +87,29 @@ def download(dataset: IdxDataset, dest: Path, sources: list[str], timeout_s: flo
 
 
 def fetch_image_folder(source: str, md5: str, dest: Path, timeout_s: float) -> str:
-    """Copy a folder, or fetch (file or URL) and unpack an archive, into `dest` (replaced whole)."""
+    """Copy a folder, or fetch (file or URL) and unpack an archive, into `dest`, which must not exist."""
     is_url = source.startswith(("http://", "https://"))
     if not is_url and not Path(source).exists():
         raise PipelineError(f"data.source {source!r} is neither a folder, a file nor an http(s) URL")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.with_name(f".{dest.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    if Path(source).is_dir():
+        shutil.copytree(source, dest)
+        return source
+    base, name = source.rstrip("/").rsplit("/", 1) if is_url else (str(Path(source).parent), Path(source).name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest.parent)
+    os.close(fd)
+    archive = Path(tmp)
     try:
-        if Path(source).is_dir():
-            shutil.copytree(source, staging)
-        else:
-            base, name = source.rstrip("/").rsplit("/", 1) if is_url else (str(Path(source).parent), Path(source).name)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest.parent)
-            os.close(fd)
-            archive = Path(tmp)
-            try:
-                try:
-                    _copy_from(base, name, archive, timeout_s)
-                except (OSError, ValueError, http.client.HTTPException) as exc:
-                    raise PipelineError(f"could not get {source} ({_why(exc)}); download it by hand and set "
-                                        "data.source to the file or to the unpacked folder") from None
-                if md5 and md5_file(archive) != md5:
-                    raise PipelineError(f"{source}: md5 {md5_file(archive)} does not match data.md5 {md5}")
-                extract(archive, staging)
-            finally:
-                archive.unlink(missing_ok=True)  # only the unpacked images are kept
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(staging, dest)
+        try:
+            _copy_from(base, name, archive, timeout_s)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise PipelineError(f"could not get {source} ({_why(exc)}); download it by hand and set "
+                                "data.source to the file or to the unpacked folder") from None
+        if md5 and md5_file(archive) != md5:
+            raise PipelineError(f"{source}: md5 {md5_file(archive)} does not match data.md5 {md5}")
+        extract(archive, dest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        archive.unlink(missing_ok=True)  # only the unpacked images are kept
     return source
 
 
@@ -125,10 +118,12 @@ def main(args) -> None:
     cfg = params["data"]
     dataset = get_dataset(cfg["dataset"])
     dest = RAW_DIR / dataset.name
-    if dataset.kind == "imagefolder":
-        used = {str(dest): fetch_image_folder(cfg["source"], cfg["md5"], dest, cfg["timeout_s"])}
-    else:
-        used = download(dataset, dest, sources_for(dataset, cfg["mirrors"]), cfg["timeout_s"], cfg["md5"])
+    with replaced_dir(RAW_DIR) as staging:  # data/raw stays as it was unless every file arrived and checked out
+        if dataset.kind == "imagefolder":
+            used = {str(dest): fetch_image_folder(cfg["source"], cfg["md5"], staging / dataset.name, cfg["timeout_s"])}
+        else:
+            used = download(dataset, staging / dataset.name, sources_for(dataset, cfg["mirrors"]), cfg["timeout_s"],
+                            cfg["md5"])
     for name, source in used.items():
         print(f"{dest / name}  <- {source}")
 

@@ -6,6 +6,7 @@ channels_last layout, which this net runs fastest in on CPU; no DataLoader and n
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable
 
 import torch
@@ -22,6 +23,23 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
     return torch.device(name)
+
+
+def set_threads(requested: int, local_processes: int = 1) -> int:
+    """Fix torch's CPU thread count for the whole run and return it: `requested` (the `threads` param)
+    when > 0, else the cores this process may run on (its CPU affinity: `taskset` narrows it) divided
+    among the processes of this machine. Never what other jobs are doing: a different thread count
+    changes float rounding, and results must not depend on what else runs."""
+    if requested:
+        threads = requested
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // local_processes)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

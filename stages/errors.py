@@ -9,6 +9,12 @@ class PipelineError(Exception):
     """A problem with the input, the data or the environment, explained in one line."""
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed, cut at `limit` characters), or its
+    class name when it has no message."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
 def run(main, argv=None, description: str | None = None, add_arguments=None) -> None:
     """Parse the command line, call `main(args)`, and exit 2 with `error: ...` on a PipelineError.
 

@@ -15,9 +15,9 @@ import torch
 
 from stages.checkpoint import load_model
 from stages.data import load_split
-from stages.engine import evaluate, make_normalizer, resolve_device
+from stages.engine import evaluate, make_normalizer, resolve_device, set_threads
 from stages.errors import run
-from stages.files import atomic_path, write_json, write_text
+from stages.files import json_bytes, write_files
 from stages.params import load_params
 from stages.tracking import Tracker
 
@@ -72,6 +72,7 @@ def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list
 
 def main(args) -> None:
     params = load_params()
+    set_threads(params["threads"])
     device = resolve_device("auto")
     model, ckpt = load_model(MODEL_PATH, device)
     model = model.to(memory_format=torch.channels_last)
@@ -81,10 +82,11 @@ def main(args) -> None:
     result = evaluate(model, images, labels, normalize, params["evaluate"]["batch_size"])
     seconds = time.perf_counter() - began
     metrics = split_metrics(labels, result["predictions"], ckpt["classes"], result["loss"])
-    write_json(METRICS_PATH, metrics)
-    write_text(CONFUSION_PATH, confusion_csv(labels, result["predictions"], ckpt["classes"]))
-    with atomic_path(CONFUSION_IMAGE) as tmp:
-        confusion_image(labels, result["predictions"], ckpt["classes"]).save(tmp, format="PNG")
+    png = io.BytesIO()
+    confusion_image(labels, result["predictions"], ckpt["classes"]).save(png, format="PNG")
+    write_files({METRICS_PATH: json_bytes(metrics),
+                 CONFUSION_PATH: confusion_csv(labels, result["predictions"], ckpt["classes"]).encode(),
+                 CONFUSION_IMAGE: png.getvalue()})
     tracker = Tracker.resume(params["tracking"])
     tracker.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
                          **{f"test_accuracy/{k}": v for k, v in metrics["per_class_accuracy"].items()}},

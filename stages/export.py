@@ -14,9 +14,9 @@ import torch
 
 from stages.checkpoint import load_model
 from stages.data import load_split
-from stages.engine import make_normalizer
+from stages.engine import make_normalizer, set_threads
 from stages.errors import PipelineError, run
-from stages.files import atomic_path, torch_save, write_json, write_text
+from stages.files import atomic_path, replaced_dir, torch_save, write_json, write_text
 from stages.params import flatten, load_params
 from stages.tracking import Tracker
 
@@ -33,9 +33,22 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metad
                                     output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
         program.save(str(tmp))
         proto = onnx.load(str(tmp))
+        strip_debug_info(proto)
         onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
+
+
+def strip_debug_info(proto) -> None:
+    """Drop what the exporter records for debugging: each node's Python stack trace (absolute paths of
+    this checkout and of the venv) and FX names. Left in, the same model exported from two checkouts (a
+    queued experiment runs in a copy under .dvc/tmp/exps/) would differ byte for byte."""
+    for graph in (proto.graph, *proto.functions):
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info, *proto.graph.initializer):
+        del value.metadata_props[:]
 
 
 def onnx_max_abs_diff(path: Path, model: torch.nn.Module, images: torch.Tensor) -> float:
@@ -92,23 +105,24 @@ to 0..1, then normalized per channel with mean {ckpt['normalization']['mean']} a
 def main(args) -> None:
     params = load_params()
     cfg = params["export"]
+    set_threads(params["threads"])
     model, ckpt = load_model(MODEL_PATH, "cpu")
     images, _ = load_split("test")
     check = make_normalizer(ckpt["normalization"]["mean"], ckpt["normalization"]["std"], torch.device("cpu"))(
         images[: cfg["onnx_check_images"]]).contiguous()
-    torch_save(ckpt["state_dict"], EXPORT_DIR / "state_dict.pt")
-    onnx_path = EXPORT_DIR / "model.onnx"
-    export_onnx(model, check[:1], onnx_path, {"classes": ckpt["classes"], "input": ckpt["input"],
-                                              **ckpt["normalization"]})
-    diff = onnx_max_abs_diff(onnx_path, model, check)
-    if diff > cfg["onnx_atol"]:
-        onnx_path.unlink()
-        raise PipelineError(f"ONNX output differs from PyTorch by {diff:.2e} > export.onnx_atol={cfg['onnx_atol']}")
     evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
-    write_text(EXPORT_DIR / "MODEL_CARD.md", model_card(ckpt, evaluation, diff))
-    write_json(METRICS_PATH, {"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
-                              "onnx_bytes": onnx_path.stat().st_size,
-                              "state_dict_bytes": (EXPORT_DIR / "state_dict.pt").stat().st_size})
+    with replaced_dir(EXPORT_DIR) as staging:  # the old export stays whole unless every file is written and checked
+        torch_save(ckpt["state_dict"], staging / "state_dict.pt")
+        onnx_path = staging / "model.onnx"
+        export_onnx(model, check[:1], onnx_path, {"classes": ckpt["classes"], "input": ckpt["input"],
+                                                  **ckpt["normalization"]})
+        diff = onnx_max_abs_diff(onnx_path, model, check)
+        if diff > cfg["onnx_atol"]:
+            raise PipelineError(f"ONNX output differs from PyTorch by {diff:.2e} > export.onnx_atol={cfg['onnx_atol']}")
+        write_text(staging / "MODEL_CARD.md", model_card(ckpt, evaluation, diff))
+        write_json(METRICS_PATH, {"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
+                                  "onnx_bytes": onnx_path.stat().st_size,
+                                  "state_dict_bytes": (staging / "state_dict.pt").stat().st_size})
     tracker = Tracker.resume(params["tracking"])
     tracker.log_model(model, check[:4], ckpt["classes"])
     for path in (EXPORT_DIR / "MODEL_CARD.md", METRICS_PATH):

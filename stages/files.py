@@ -1,73 +1,156 @@
-"""Writing files so that no reader ever sees half of one: temp file in the same folder, fsync, rename."""
+"""Writing outputs so that no reader ever sees half of them, and a failed run leaves the old ones whole.
+
+A file is written to a temporary file in the same folder, fsynced and renamed over the old one. A stage
+with several output files writes them with `write_files` (every temporary file first, then the renames),
+and a stage whose output is a folder builds it in `replaced_dir`'s staging folder, which replaces the
+old folder only when the stage succeeded. DVC is told not to delete these outputs before a stage runs
+(`persist: true` in dvc.yaml), so a stage that fails leaves every output as it was.
+"""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, one_line
+
+
+def _cannot_write(path, exc: OSError) -> PipelineError:
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return PipelineError(f"cannot write {path}: {exc.strerror or one_line(exc)}{where}")
+
+
+def _temp_beside(path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+    return Path(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
+    tmp = _temp_beside(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise PipelineError(f"cannot write {path}: {_why(exc)}") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-    try:
-        yield Path(tmp)
+        yield tmp
         try:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            _fsync(tmp)
             os.replace(tmp, path)
         except OSError as exc:
-            raise PipelineError(f"cannot write {path}: {_why(exc)}") from None
+            raise _cannot_write(path, exc) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _why(exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
-    return f"{exc.strerror or exc}{where}"
+def write_files(contents: dict) -> None:
+    """Write {path: bytes} together: every file goes to a temporary file first, and only when all of
+    them are written (a full disk fails here) are they renamed into place."""
+    temps = {}
+    try:
+        for path, data in contents.items():
+            path = Path(path)
+            temps[path] = _temp_beside(path)
+            try:
+                temps[path].write_bytes(data)
+                _fsync(temps[path])
+            except OSError as exc:  # out of disk, mostly
+                raise _cannot_write(path, exc) from None
+        for path, tmp in temps.items():
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _cannot_write(path, exc) from None
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        try:
-            tmp.write_bytes(data)
-        except OSError as exc:  # out of disk, mostly
-            raise PipelineError(f"cannot write {path}: {_why(exc)}") from None
+    write_files({path: data})
 
 
 def write_text(path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
 def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_bytes(path, json_bytes(obj))
 
 
-def torch_save(obj, path) -> None:
-    """torch.save, byte-identical for identical objects: saving to a named file would embed that
+def torch_bytes(obj) -> bytes:
+    """torch.save's bytes, identical for identical objects: saving to a named file would embed that
     (temporary) name in the archive, so serialize in memory under torch's fixed name instead."""
-    import io
-
     import torch
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def torch_save(obj, path) -> None:
+    write_bytes(path, torch_bytes(obj))
+
+
+@contextmanager
+def replaced_dir(target: str | os.PathLike):
+    """Yield an empty staging folder beside `target` to build the new output in. When the block ends
+    without an error the staging folder replaces `target` whole; on any error (or Ctrl-C) it is removed
+    and `target` stays exactly as it was. A staging folder left by a killed run is cleared first."""
+    target = Path(target)
+    staging, old = target.with_name(f".{target.name}.staging"), target.with_name(f".{target.name}.old")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
+    try:
+        try:
+            yield staging
+        except PipelineError as exc:  # name the output, not the staging folder it was being built in
+            raise PipelineError(str(exc).replace(str(staging), str(target))) from None
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(staging, target)
+        except OSError as exc:
+            raise _cannot_write(target, exc) from None
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not target.exists():  # the swap itself failed half-way: put the old one back
+            os.replace(old, target)
+
+
+def clear_temps(*paths: str | os.PathLike) -> None:
+    """Remove the temporary files a killed run left beside `paths` (a SIGKILL between writing a
+    temporary file and renaming it leaves one behind)."""
+    for path in map(Path, paths):
+        if path.parent.is_dir():
+            for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def md5_file(path, chunk: int = 1 << 20) -> str:

@@ -80,6 +80,7 @@ def _string_list(key, value):
 
 SCHEMA = {
     "seed": _number(int, minimum=0),
+    "threads": _number(int, minimum=0),
     "data": {
         "dataset": _choice(DATASETS),
         "mirrors": _string_list,

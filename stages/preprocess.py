@@ -16,7 +16,7 @@ import torch
 from stages.data import PREPARED_DIR, pad_images
 from stages.datasets import get_dataset, read_cifar, read_idx, read_image_folder
 from stages.errors import PipelineError, run
-from stages.files import torch_save, write_json
+from stages.files import replaced_dir, torch_save, write_json
 from stages.params import load_params
 
 RAW_DIR = Path("data/raw")
@@ -112,9 +112,10 @@ def main(args) -> None:
     splits, meta = prepare(raw, classes, params["preprocess"], params["seed"], resize)
     meta["dataset"] = dataset.name
     meta["skipped_files"] = {"count": len(skipped), "first": skipped[:20]}
-    for name, split in splits.items():
-        torch_save(split, PREPARED_DIR / f"{name}.pt")
-    write_json(PREPARED_DIR / "meta.json", meta)
+    with replaced_dir(PREPARED_DIR) as staging:
+        for name, split in splits.items():
+            torch_save(split, staging / f"{name}.pt")
+        write_json(staging / "meta.json", meta)
     print(f"{PREPARED_DIR}: {meta['counts']} images of {meta['input_shape']}, mean {meta['mean']} std {meta['std']}"
           + (f"; skipped {len(skipped)} unreadable files (listed in meta.json)" if skipped else ""))
 

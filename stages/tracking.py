@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from stages.files import write_json
-
 RUN_FILE = Path("models/mlflow_run.json")
 
 
@@ -134,16 +132,19 @@ class Tracker:
 
     @classmethod
     def start(cls, cfg: dict, params: dict, device: str, run_id: str | None = None) -> "Tracker":
-        """Open a run for this training (or reopen `run_id`, the run a resumed training began) and
-        record its id in RUN_FILE; the id is None when tracking is off or failing."""
+        """Open a run for this training (or reopen `run_id`, the run a resumed training began); its id is
+        None when tracking is off or failing. train writes `record()` to RUN_FILE with its other outputs."""
         tracker = cls(cfg, run_id="pending")
         tracker.run_id = None
         if tracker.client and run_id and tracker._reopen(run_id):
             tracker.run_id = run_id
         elif tracker.client:
             tracker.run_id = tracker._create_run(params, device)
-        write_json(RUN_FILE, {"run_id": tracker.run_id, "tracking_uri": tracking_uri(cfg) if tracker.run_id else None})
         return tracker
+
+    def record(self) -> dict:
+        """What RUN_FILE holds: the run evaluate and export add to."""
+        return {"run_id": self.run_id, "tracking_uri": tracking_uri(self.cfg) if self.run_id else None}
 
     def _reopen(self, run_id: str) -> bool:
         try:

@@ -22,25 +22,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages import distributed
+from stages import distributed, faults
 from stages.checkpoint import FORMAT, load_checkpoint
-from stages.cpu_share import CpuShare
 from stages.data import load_meta, load_split
 from stages.distributed import SINGLE, Group
 from stages.engine import (WeightAverage, evaluate, learning_rate, make_augmenter, make_normalizer, resolve_device,
-                           train_one_epoch, use_bf16)
+                           set_threads, train_one_epoch, use_bf16)
 from stages.errors import PipelineError, run
-from stages.files import torch_save, write_json, write_text
+from stages.files import atomic_path, clear_temps, json_bytes, torch_bytes, write_files
 from stages.models import build_model, freeze_backbone, imagenet_weights_path, model_config
 from stages.params import load_params
-from stages.tracking import Tracker
+from stages.tracking import RUN_FILE, Tracker
 
 MODEL_PATH, CHECKPOINT_PATH = Path("models/model.pt"), Path("models/checkpoint.pt")
 LOG_DIR = Path("logs")
 METRICS_PATH, HISTORY_PATH = Path("metrics/train.json"), Path("metrics/train_history.csv")
 TIME_PATH = Path("metrics/train_time.json")
 EVAL_BATCH = 1000
-SHARE_EVERY = 50  # SGD steps between checks of how many trainings share the CPU
 
 
 def fingerprint(params: dict, meta: dict) -> str:
@@ -166,12 +164,12 @@ def validate(model, images, labels, normalize, group: Group) -> dict:
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
-def write_history(history: list[dict]) -> None:
+def history_csv(history: list[dict]) -> bytes:
     buffer = io.StringIO()
     csv_writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
     csv_writer.writeheader()
     csv_writer.writerows(history)
-    write_text(HISTORY_PATH, buffer.getvalue())
+    return buffer.getvalue().encode()
 
 
 def main(args) -> None:
@@ -187,23 +185,28 @@ def main(args) -> None:
         distributed.finish(group)
 
 
+def save_checkpoint(ckpt: dict) -> None:
+    with atomic_path(CHECKPOINT_PATH) as tmp:
+        tmp.write_bytes(torch_bytes(ckpt))
+        faults.at("checkpoint", ckpt["epoch"])
+
+
 def train_stage(params: dict, meta: dict, group: Group, device: torch.device) -> None:
+    threads = set_threads(params["threads"], group.local_world)
     data = {name: load_split(name, device=device) for name in ("train", "val")}
     n_train, log_every = len(data["train"][1]), params["train"]["log_every"]
     expect = fingerprint(params, meta)
     resume = try_resume(CHECKPOINT_PATH, expect, params["train"]["epochs"], print if group.main else print_nothing)
     if resume is None and params["model"]["pretrained"]:
         imagenet_weights_path(params["model"]["name"])  # missing weights fail here, before anything is written
-    share = CpuShare().__enter__() if device.type == "cpu" else None  # its slot is freed when this process ends
 
-    def share_cores(step):
-        if share and step % SHARE_EVERY == 0:
-            share.adjust()  # fewer threads while other trainings share the cores, all of them when alone
+    def on_any_step(step, loss):
+        faults.at("step", step)
 
     if not group.main:  # the other ranks train along and write nothing
-        fit(params, meta, data, device, resume, lambda step, loss: share_cores(step), print_fn=print_nothing,
-            group=group)
+        fit(params, meta, data, device, resume, on_any_step, print_fn=print_nothing, group=group)
         return
+    clear_temps(MODEL_PATH, CHECKPOINT_PATH, RUN_FILE, METRICS_PATH, HISTORY_PATH, TIME_PATH)
     if resume is None:
         shutil.rmtree(LOG_DIR, ignore_errors=True)
     from torch.utils.tensorboard import SummaryWriter
@@ -213,7 +216,7 @@ def train_stage(params: dict, meta: dict, group: Group, device: torch.device) ->
     tracker = Tracker.start(params["tracking"], params, str(device), resume.get("mlflow_run_id") if resume else None)
     precision = "bf16" if use_bf16(params["train"]["precision"], device) else "fp32"
     ranks = f", {group.world} processes" if group.world > 1 else ""
-    print(f"training {params['model']['name']} on {device} ({torch.get_num_threads()} threads{ranks}, {precision}), "
+    print(f"training {params['model']['name']} on {device} ({threads} threads{ranks}, {precision}), "
           f"{n_train} train / {len(data['val'][1])} val images")
     if resume is None:
         writer.add_images("train/batch", data["train"][0][:64].float().div(255), 0)
@@ -221,7 +224,7 @@ def train_stage(params: dict, meta: dict, group: Group, device: torch.device) ->
     def on_step(step, loss):
         if step % log_every == 0:
             writer.add_scalar("train/loss", loss.item(), step)
-        share_cores(step)
+        on_any_step(step, loss)
 
     def on_epoch(row, seconds):
         writer.add_scalar("val/loss", row["val_loss"], row["epoch"])
@@ -233,8 +236,8 @@ def train_stage(params: dict, meta: dict, group: Group, device: torch.device) ->
     try:
         model, history, last, epoch_seconds = fit(
             params, meta, data, device, resume, on_step, on_epoch,
-            save_checkpoint=lambda ckpt: torch_save(
-                {**ckpt, "fingerprint": expect, "mlflow_run_id": tracker.run_id}, CHECKPOINT_PATH), group=group)
+            save_checkpoint=lambda ckpt: save_checkpoint({**ckpt, "fingerprint": expect,
+                                                          "mlflow_run_id": tracker.run_id}), group=group)
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -249,14 +252,16 @@ def train_stage(params: dict, meta: dict, group: Group, device: torch.device) ->
     final.update(classes=meta["classes"], normalization={"mean": meta["mean"], "std": meta["std"]},
                  input=meta["input"],
                  params=params, dataset=meta["dataset"], val_metrics=history[-1])
-    torch_save(final, MODEL_PATH)
-    write_json(METRICS_PATH, {"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}})
-    write_history(history)
     total = sum(epoch_seconds)
-    write_json(TIME_PATH, {"device": str(device), "processes": group.world, "threads": torch.get_num_threads(),
-                           "precision": precision,
-                           "epochs_run": len(epoch_seconds), "seconds": round(total, 2),
-                           "images_per_s": round(n_train * len(epoch_seconds) / total, 1)})
+    write_files({
+        MODEL_PATH: torch_bytes(final),
+        RUN_FILE: json_bytes(tracker.record()),
+        METRICS_PATH: json_bytes({"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}}),
+        HISTORY_PATH: history_csv(history),
+        TIME_PATH: json_bytes({"device": str(device), "processes": group.world, "threads": threads,
+                               "precision": precision, "epochs_run": len(epoch_seconds), "seconds": round(total, 2),
+                               "images_per_s": round(n_train * len(epoch_seconds) / total, 1)}),
+    })
     for path in (METRICS_PATH, HISTORY_PATH, TIME_PATH):
         tracker.log_artifact(path, "metrics")
     tracker.log_artifact(LOG_DIR, "tensorboard")

@@ -42,7 +42,7 @@ def write_params(folder: Path, overrides: dict | None = None) -> dict:
 
 
 # Nothing from the caller's shell may redirect a test: no tracking server, repo root or proxy.
-SCRUB = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "http_proxy", "https_proxy", "HTTP_PROXY",
+SCRUB = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "TUDUI_FAULT", "http_proxy", "https_proxy", "HTTP_PROXY",
          "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
@@ -50,9 +50,10 @@ def clean_env(**extra: str) -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in SCRUB}, **extra}
 
 
-def run_stage(folder: Path, module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_stage(folder: Path, module: str, *args: str, timeout: float = 600,
+              env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m stages.<module>` in `folder` the way dvc does, with this checkout on the path."""
-    env = clean_env(PYTHONPATH=str(REPO))
+    env = clean_env(PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

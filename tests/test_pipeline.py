@@ -66,5 +66,56 @@ def test_forced_rerun_is_bit_for_bit(repo):
     assert "Running stage 'download'" in out and "Running stage 'train'" in out
     after = snapshot()
     assert after[1] == before[1]
-    for path in ("data/raw", "data/prepared", "models/model.pt"):
+    for path in ("data/raw", "data/prepared", "models/model.pt", "models/export"):
         assert after[0][path] == before[0][path], path
+
+
+def snapshot_outputs(repo) -> dict:
+    """Every file under data/, models/ and metrics/ with its bytes' md5."""
+    import hashlib
+
+    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
+            for top in ("data", "models", "metrics") for p in sorted((repo / top).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def corrupt_zip(tmp_path):
+    path = tmp_path / "photos.zip"
+    path.write_bytes(b"PK\x03\x04 this is not really a zip archive")
+    return path
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_every_output_as_it_was(repo, corrupt_zip, tmp_path):
+    """Bad params, a missing or corrupt file, an offline source, a split too large for the data: each
+    `dvc repro` fails with one line and leaves data/, models/ and metrics/ byte for byte as they were."""
+    from conftest import free_port, write_params
+
+    sh(repo, "dvc", "repro")
+    before = snapshot_outputs(repo)
+    assert any(path.startswith("data/raw/") for path in before) and "models/model.pt" in before
+    offline = f"http://127.0.0.1:{free_port()}/photos.zip"  # nothing listens there
+    bad_inputs = {
+        "negative lr": ({"train": {"lr": -0.1}}, "train.lr must be > 0"),
+        "unknown data set": ({"data": {"dataset": "imagenet"}}, "data.dataset must be one of"),
+        "missing file": ({"data": {"dataset": "imagefolder", "source": str(tmp_path / "nope.zip")}},
+                         "is neither a folder, a file nor an http(s) URL"),
+        "corrupt file": ({"data": {"dataset": "imagefolder", "source": str(corrupt_zip)}}, "neither a zip nor a tar"),
+        "offline source": ({"data": {"dataset": "imagefolder", "source": offline, "timeout_s": 5.0}},
+                           f"could not get {offline}"),
+        "split too large": ({"preprocess": {"val_size": 10_000_000}}, "must be smaller than the"),
+    }
+    committed = (repo / "params.yaml").read_text()
+    try:
+        for case, (overrides, message) in bad_inputs.items():
+            write_params(repo, overrides)
+            out = sh(repo, "dvc", "repro", check=False)
+            assert message in out, f"{case}: {out}"
+            assert snapshot_outputs(repo) == before, case
+        (repo / "params.yaml").write_text(committed)
+        out = sh(repo, "dvc", "exp", "run", "-S", "train.lr=-0.1", check=False)
+        assert "train.lr must be > 0" in out
+        assert snapshot_outputs(repo) == before, "dvc exp run"
+    finally:
+        (repo / "params.yaml").write_text(committed)
+    assert "Data and pipelines are up to date." in sh(repo, "dvc", "repro")

@@ -1,11 +1,11 @@
-"""Fault injection: a training killed with SIGKILL or Ctrl-C, unwritable outputs, atomic writes."""
+"""Fault injection: a training killed with SIGKILL or Ctrl-C at a chosen step (TUDUI_FAULT, see
+stages/faults.py: deterministic, whatever the machine's speed), unwritable outputs, atomic writes."""
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,34 +13,10 @@ import torch
 from conftest import REPO, clean_env, run_stage, write_params
 from stages.checkpoint import load_checkpoint
 from stages.errors import PipelineError
-from stages.files import atomic_path, write_json
+from stages.files import atomic_path, replaced_dir, write_files, write_json
 
-# Enough images that an epoch takes a few seconds, so the kill lands mid-training.
-LONGER = {"preprocess": {"val_size": 100, "max_train": 3100}, "train": {"epochs": 3}}
-
-
-def start_train(folder):
-    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=folder, env=clean_env(PYTHONPATH=str(REPO)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(folder, process, timeout=120):
-    path = folder / "models/checkpoint.pt"
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    return path
-
-
-@pytest.fixture(scope="module")
-def longer_project(tmp_path_factory, mirror):
-    folder = tmp_path_factory.mktemp("longer")
-    write_params(folder, {**LONGER, "data": {"mirrors": [str(mirror)]}})
-    for stage in ("download", "preprocess"):
-        assert run_stage(folder, stage).returncode == 0
-    return folder
+# 500 training images in batches of 64: 8 SGD steps per epoch, so step 12 is in the middle of epoch 2.
+THREE_EPOCHS = {"train": {"epochs": 3}}
 
 
 def copy_of(project, tmp_path, name):
@@ -49,47 +25,89 @@ def copy_of(project, tmp_path, name):
     return folder
 
 
-@pytest.mark.slow
-def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(longer_project, tmp_path):
-    whole = copy_of(longer_project, tmp_path, "whole")
-    assert run_stage(whole, "train").returncode == 0
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_project, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole")
+    shutil.copytree(prepared_project, folder, dirs_exist_ok=True)
+    write_params(folder, THREE_EPOCHS)
+    result = run_stage(folder, "train")
+    assert result.returncode == 0, result.stderr
+    return folder
 
-    killed = copy_of(longer_project, tmp_path, "killed")
-    process = start_train(killed)
-    wait_for_checkpoint(killed, process)
-    time.sleep(0.7)  # somewhere in the next epoch, possibly while a checkpoint is being written
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    epoch = load_checkpoint(killed / "models/checkpoint.pt")["epoch"]
-    assert 1 <= epoch < 3 and not (killed / "models/model.pt").exists()
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["sigkill@step=12", "sigkill@checkpoint=2"])
+def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(uninterrupted, prepared_project, tmp_path, fault):
+    """Killed in the middle of epoch 2, or while epoch 2's checkpoint is being written (its temporary
+    file complete, not yet renamed): the rerun resumes after epoch 1 and ends bit for bit where a run
+    that was never interrupted ends."""
+    killed = copy_of(prepared_project, tmp_path, "killed")
+    write_params(killed, THREE_EPOCHS)
+    result = run_stage(killed, "train", env={"TUDUI_FAULT": fault})
+    assert result.returncode == -signal.SIGKILL
+    assert load_checkpoint(killed / "models/checkpoint.pt")["epoch"] == 1
+    assert not (killed / "models/model.pt").exists()
+    if "checkpoint" in fault:
+        assert list((killed / "models").glob(".checkpoint.pt.*.tmp"))  # the kill left it behind
 
     rerun = run_stage(killed, "train")
     assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming from models/checkpoint.pt after epoch {epoch}" in rerun.stdout
+    assert "resuming from models/checkpoint.pt after epoch 1" in rerun.stdout
     for name in ("metrics/train.json", "metrics/train_history.csv"):
-        assert (killed / name).read_text() == (whole / name).read_text(), name
-    a = torch.load(whole / "models/model.pt", weights_only=True)["state_dict"]
+        assert (killed / name).read_text() == (uninterrupted / name).read_text(), name
+    a = torch.load(uninterrupted / "models/model.pt", weights_only=True)["state_dict"]
     b = torch.load(killed / "models/model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not list(killed.rglob(".*.tmp"))  # no temp file left behind by the kill
+    assert not list(killed.rglob(".*.tmp"))  # the rerun cleared what the kill left
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(longer_project, tmp_path):
-    folder = copy_of(longer_project, tmp_path, "interrupted")
-    process = start_train(folder)
-    wait_for_checkpoint(folder, process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
-    assert load_checkpoint(folder / "models/checkpoint.pt")["epoch"] >= 1
+def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(prepared_project, tmp_path):
+    folder = copy_of(prepared_project, tmp_path, "interrupted")
+    write_params(folder, THREE_EPOCHS)
+    result = run_stage(folder, "train", env={"TUDUI_FAULT": "sigint@step=12"})
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in result.stderr
+    assert load_checkpoint(folder / "models/checkpoint.pt")["epoch"] == 1
+    assert not (folder / "models/model.pt").exists() and not (folder / "metrics").exists()
 
 
-def test_changed_settings_start_over(longer_project, tmp_path):
+def test_thread_count_is_the_param_and_is_recorded(trained_project, tmp_path):
+    folder = copy_of(trained_project, tmp_path, "threads")
+    write_params(folder, {"threads": 1})
+    result = run_stage(folder, "train")
+    assert result.returncode == 0, result.stderr
+    assert "(1 threads, " in result.stdout
+    assert json.loads((folder / "metrics/train_time.json").read_text())["threads"] == 1
+
+
+def test_replaced_dir_keeps_the_old_folder_on_failure(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with replaced_dir(target) as staging:
+            (staging / "new.txt").write_text("half")
+            raise RuntimeError("crash mid-stage")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with replaced_dir(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_write_files_writes_all_or_nothing(tmp_path):
+    write_files({tmp_path / "a": b"old a", tmp_path / "b": b"old b"})
+    with pytest.raises(PipelineError, match="cannot write"):
+        write_files({tmp_path / "a": b"new a", tmp_path / "a/below-a-file": b"x"})
+    assert (tmp_path / "a").read_bytes() == b"old a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_changed_settings_start_over(prepared_project, tmp_path):
     from stages.checkpoint import FORMAT
 
-    folder = copy_of(longer_project, tmp_path, "changed")
+    folder = copy_of(prepared_project, tmp_path, "changed")
     (folder / "models").mkdir()
     torch.save({"format": FORMAT, "model": {}, "state_dict": {}, "epoch": 1, "fingerprint": "another run"},
                folder / "models/checkpoint.pt")
