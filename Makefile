@@ -57,7 +57,7 @@ tensorboard: setup
 
 # MLflow UI on loopback against the project's store (sqlite:///<repo>/mlflow.db, artifacts in mlartifacts/).
 ui: setup
-	$(PY) -m stages.tracking --port $(UI_PORT)
+	$(PY) -m stages.lib.tracking --port $(UI_PORT)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # Tracking server for the team: runs in PostgreSQL (mlserver/pgdata), artifacts served from

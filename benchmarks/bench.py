@@ -40,11 +40,11 @@ PRESET = Path(__file__).with_name("fast_recipe.yaml")
 SEED = 0
 
 
-def project_params(preset: bool, epochs: int, overrides: list[str] = ()) -> dict:
+def project_params(preset: bool, epochs: int, overrides: list[str] = ()):
     """params.yaml, with the fast recipe and then `overrides` ("train.lr=0.2", YAML values) over it."""
-    from stages.params import check_combinations, validate
+    from stages.lib.params import read_yaml, validate
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = read_yaml(ROOT / "params.yaml")
     changes = yaml.safe_load(PRESET.read_text()) if preset else {}
     changes.update((k, yaml.safe_load(v)) for k, v in (o.split("=", 1) for o in overrides))
     for key, value in changes.items():
@@ -52,25 +52,23 @@ def project_params(preset: bool, epochs: int, overrides: list[str] = ()) -> dict
         params[section][name] = value
     params["train"]["epochs"] = epochs
     params["train"]["device"] = "auto"
-    return check_combinations(validate(params))
+    return validate(params)
 
 
 def prepared(params: dict, args):
     """The project's preprocess, in memory: ({"train": (x, y), "val": the test split}, meta)."""
-    from stages.datasets import get_dataset
-    from stages.preprocess import prepare, read_raw
+    from stages.lib.datasets import FASHION_MNIST
+    from stages.preprocess import prepare
 
-    dataset = get_dataset("fashion_mnist")
-    raw, classes, _ = read_raw(dataset, args.raw, params["preprocess"])
-    splits, meta = prepare(raw, classes, params["preprocess"], params["seed"])
+    splits, meta = prepare(FASHION_MNIST.read(Path(args.raw), params.preprocess), params.preprocess, params.seed)
     train, test = splits["train"], splits["test"]
     return {"train": (train["images"][:args.limit or None], train["labels"][:args.limit or None]),
             "val": (test["images"][:args.test_limit or None], test["labels"][:args.test_limit or None])}, meta
 
 
 def run_project(preset: bool, epochs: int, args) -> list[dict]:
-    from stages.engine import resolve_device
-    from stages.train import fit
+    from stages.lib.engine import resolve_device
+    from stages.train import QUIET, Callbacks, fit
 
     params = project_params(preset, epochs, args.set if preset else ())
     data, meta = prepared(params, args)
@@ -78,13 +76,13 @@ def run_project(preset: bool, epochs: int, args) -> list[dict]:
     data = {k: (x.to(device), y.to(device)) for k, (x, y) in data.items()}
     rows, last = [], [time.perf_counter()]
 
-    def on_epoch(row, seconds):  # called before the epoch's checkpoint; the test pass has just run
+    def on_epoch(row, seconds, checkpoint):  # the test pass has just run
         now = time.perf_counter()
         rows.append({"epoch": row["epoch"], "train_seconds": seconds, "elapsed_seconds": now - last[0],
                      "test_accuracy": row["val_accuracy"], "images": len(data["train"][1])})
         last[0] = now
 
-    fit(params, meta, data, device, on_epoch=on_epoch, print_fn=lambda *_: None)
+    fit(params, meta, data, device, callbacks=Callbacks(on_epoch=on_epoch, print=QUIET.print))
     return rows
 
 
@@ -114,7 +112,7 @@ def run_reference(epochs: int, args) -> list[dict]:
     (root / "FashionMNIST/raw").mkdir(parents=True)
     for gz in Path(args.raw).glob("*.gz"):  # torchvision wants the uncompressed idx files
         (root / "FashionMNIST/raw" / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
-    val_size = project_params(False, epochs)["preprocess"]["val_size"]
+    val_size = project_params(False, epochs).preprocess.val_size
     _, train_idx = carve(60000, val_size, torch.Generator().manual_seed(SEED))  # the project's split
     transform = torchvision.transforms.Compose([torchvision.transforms.Pad(2), torchvision.transforms.ToTensor()])
     train_data = torchvision.datasets.FashionMNIST(str(root), train=True, transform=transform)

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from stages.checkpoint import load_model
-from stages.data import load_split
-from stages.engine import evaluate, make_normalizer, resolve_device, set_threads
-from stages.errors import run
-from stages.files import json_bytes, write_files
-from stages.params import load_params
-from stages.tracking import Tracker
+from stages.lib.data import load_split
+from stages.lib.engine import evaluate, resolve_device, set_threads
+from stages.lib.errors import run
+from stages.lib.files import json_bytes, write_files
+from stages.lib.loader import BatchLoader
+from stages.lib.modelfile import ModelFile
+from stages.lib.params import load_params
+from stages.lib.tracking import Tracker
 
 MODEL_PATH = Path("models/model.pt")
 METRICS_PATH, CONFUSION_PATH = Path("metrics/eval.json"), Path("metrics/confusion.csv")
@@ -72,25 +73,25 @@ def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list
 
 def main(args) -> None:
     params = load_params()
-    set_threads(params["threads"])
+    set_threads(params.threads)
     device = resolve_device("auto")
-    model, ckpt = load_model(MODEL_PATH, device)
-    model = model.to(memory_format=torch.channels_last)
+    model_file = ModelFile.load(MODEL_PATH, device)
+    model = model_file.build(device).to(memory_format=torch.channels_last)
     images, labels = load_split("test", device=device)
-    normalize = make_normalizer(ckpt["normalization"]["mean"], ckpt["normalization"]["std"], device)
     began = time.perf_counter()
-    result = evaluate(model, images, labels, normalize, params["evaluate"]["batch_size"])
+    result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)))
     seconds = time.perf_counter() - began
-    metrics = split_metrics(labels, result["predictions"], ckpt["classes"], result["loss"])
+    classes = model_file.classes
+    metrics = split_metrics(labels, result["predictions"], classes, result["loss"])
     png = io.BytesIO()
-    confusion_image(labels, result["predictions"], ckpt["classes"]).save(png, format="PNG")
+    confusion_image(labels, result["predictions"], classes).save(png, format="PNG")
     write_files({METRICS_PATH: json_bytes(metrics),
-                 CONFUSION_PATH: confusion_csv(labels, result["predictions"], ckpt["classes"]).encode(),
+                 CONFUSION_PATH: confusion_csv(labels, result["predictions"], classes).encode(),
                  CONFUSION_IMAGE: png.getvalue()})
-    tracker = Tracker.resume(params["tracking"])
+    tracker = Tracker.resume(params.tracking)
     tracker.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
                          **{f"test_accuracy/{k}": v for k, v in metrics["per_class_accuracy"].items()}},
-                        step=ckpt["epoch"])
+                        step=model_file.epoch)
     for path in (METRICS_PATH, CONFUSION_PATH, CONFUSION_IMAGE):
         tracker.log_artifact(path, "metrics")
     print(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on "

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from stages.checkpoint import load_model
-from stages.data import load_split
-from stages.engine import make_normalizer, set_threads
-from stages.errors import PipelineError, run
-from stages.files import atomic_path, replaced_dir, torch_save, write_json, write_text
-from stages.params import flatten, load_params
-from stages.tracking import Tracker
+from stages.lib.data import load_split
+from stages.lib.engine import set_threads
+from stages.lib.errors import PipelineError, run
+from stages.lib.files import atomic_path, replaced_dir, torch_save, write_json, write_text
+from stages.lib.modelfile import ModelFile
+from stages.lib.params import flatten, load_params
+from stages.lib.tracking import Tracker
 
 MODEL_PATH, EXPORT_DIR = Path("models/model.pt"), Path("models/export")
 METRICS_PATH, EVAL_PATH = Path("metrics/export.json"), Path("metrics/eval.json")
@@ -61,30 +61,30 @@ def onnx_max_abs_diff(path: Path, model: torch.nn.Module, images: torch.Tensor) 
     return float((torch.from_numpy(got) - expected).abs().max())
 
 
-def model_card(ckpt: dict, evaluation: dict, onnx_diff: float) -> str:
-    c, (h, w), (ph, pw) = ckpt["input"]["channels"], ckpt["input"]["size"], ckpt["input"]["pad_to"]
+def model_card(ckpt: ModelFile, evaluation: dict, onnx_diff: float) -> str:
+    c, (h, w), (ph, pw) = ckpt.input["channels"], ckpt.input["size"], ckpt.input["pad_to"]
     resize = {"center_crop": "shorter side resized, then center-cropped",
-              "stretch": "the whole picture resized"}[ckpt["input"].get("resize", "stretch")]
+              "stretch": "the whole picture resized"}[ckpt.input["resize"]]
     dark = ""
-    if ckpt["dataset"] in ("fashion_mnist", "mnist"):
-        dark = (f"\n\n{ckpt['dataset']} shows a light object on a black background: invert dark-on-light "
+    if ckpt.dataset in ("fashion_mnist", "mnist"):
+        dark = (f"\n\n{ckpt.dataset} shows a light object on a black background: invert dark-on-light "
                 "photos first (`python -m stages.predict --invert`).")
     pad = f" zero-padded to {ph}×{pw}" if (ph, pw) != (h, w) else ""
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt["params"]).items())
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt.params).items())
     per_class = "\n".join(f"| {name} | {acc} |" for name, acc in evaluation.get("per_class_accuracy", {}).items())
-    return f"""# Model card: {ckpt['model']['name']} on {ckpt['dataset']}
+    return f"""# Model card: {ckpt.config['name']} on {ckpt.dataset}
 
-- Classes ({len(ckpt['classes'])}): {', '.join(ckpt['classes'])}
-- Trained for {ckpt['epoch']} epochs; validation accuracy {ckpt['val_metrics']['val_accuracy']:.4f}
+- Classes ({len(ckpt.classes)}): {', '.join(ckpt.classes)}
+- Trained for {ckpt.epoch} epochs; validation accuracy {ckpt.val_metrics['val_accuracy']:.4f}
 - Test accuracy {evaluation.get('test_accuracy')} on {evaluation.get('test_images')} images; test loss {evaluation.get('test_loss')}
 
 ## Input format
 float32 tensor N×{c}×{ph}×{pw}: a {h}×{w} {'grayscale' if c == 1 else 'RGB'} image ({resize}){pad}, scaled
-to 0..1, then normalized per channel with mean {ckpt['normalization']['mean']} and std
-{ckpt['normalization']['std']}. Output: {len(ckpt['classes'])} logits.{dark}
+to 0..1, then normalized per channel with mean {ckpt.normalization['mean']} and std
+{ckpt.normalization['std']}. Output: {len(ckpt.classes)} logits.{dark}
 
 ## Files
-- `state_dict.pt`: `stages.models.build_model({ckpt['model']})` then
+- `state_dict.pt`: `stages.lib.models.build_model({ckpt.config})` then
   `load_state_dict(torch.load("state_dict.pt", weights_only=True))`
 - `model.onnx`: input `image`, output `logits`, dynamic batch; max |ONNX − PyTorch| on test images: {onnx_diff:.2e}.
   Metadata props hold `classes`, `mean`, `std`, `input`.
@@ -104,27 +104,27 @@ to 0..1, then normalized per channel with mean {ckpt['normalization']['mean']} a
 
 def main(args) -> None:
     params = load_params()
-    cfg = params["export"]
-    set_threads(params["threads"])
-    model, ckpt = load_model(MODEL_PATH, "cpu")
+    cfg = params.export
+    set_threads(params.threads)
+    model_file = ModelFile.load(MODEL_PATH)
+    model = model_file.build()
     images, _ = load_split("test")
-    check = make_normalizer(ckpt["normalization"]["mean"], ckpt["normalization"]["std"], torch.device("cpu"))(
-        images[: cfg["onnx_check_images"]]).contiguous()
+    check = model_file.normalizer()(images[: cfg.onnx_check_images]).contiguous()
     evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
     with replaced_dir(EXPORT_DIR) as staging:  # the old export stays whole unless every file is written and checked
-        torch_save(ckpt["state_dict"], staging / "state_dict.pt")
+        torch_save(model_file.state_dict, staging / "state_dict.pt")
         onnx_path = staging / "model.onnx"
-        export_onnx(model, check[:1], onnx_path, {"classes": ckpt["classes"], "input": ckpt["input"],
-                                                  **ckpt["normalization"]})
+        export_onnx(model, check[:1], onnx_path, {"classes": model_file.classes, "input": model_file.input,
+                                                  **model_file.normalization})
         diff = onnx_max_abs_diff(onnx_path, model, check)
-        if diff > cfg["onnx_atol"]:
-            raise PipelineError(f"ONNX output differs from PyTorch by {diff:.2e} > export.onnx_atol={cfg['onnx_atol']}")
-        write_text(staging / "MODEL_CARD.md", model_card(ckpt, evaluation, diff))
+        if diff > cfg.onnx_atol:
+            raise PipelineError(f"ONNX output differs from PyTorch by {diff:.2e} > export.onnx_atol={cfg.onnx_atol}")
+        write_text(staging / "MODEL_CARD.md", model_card(model_file, evaluation, diff))
         write_json(METRICS_PATH, {"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
                                   "onnx_bytes": onnx_path.stat().st_size,
                                   "state_dict_bytes": (staging / "state_dict.pt").stat().st_size})
-    tracker = Tracker.resume(params["tracking"])
-    tracker.log_model(model, check[:4], ckpt["classes"])
+    tracker = Tracker.resume(params.tracking)
+    tracker.log_model(model, check[:4], model_file.classes)
     for path in (EXPORT_DIR / "MODEL_CARD.md", METRICS_PATH):
         tracker.log_artifact(path, "export")
     print(f"wrote {EXPORT_DIR}/state_dict.pt, model.onnx (max abs diff {diff:.2e} on {len(check)} images), "

@@ -13,24 +13,17 @@ from pathlib import Path
 
 import torch
 
-from stages.checkpoint import load_model
-from stages.data import pad_images
-from stages.engine import make_normalizer
-from stages.errors import PipelineError, run
-from stages.images import load_image
+from stages.lib.errors import PipelineError, run
+from stages.lib.modelfile import ModelFile
 
 
-def predict(model, ckpt: dict, paths: list[Path], top: int = 3, invert: bool = False) -> list[dict]:
-    spec = ckpt["input"]
-    resize = spec.get("resize", "stretch")  # model files from before image folders have no "resize"
-    batch = pad_images(torch.stack([load_image(p, spec["channels"], spec["size"], invert, resize) for p in paths]),
-                       spec["pad_to"][0])
-    normalize = make_normalizer(ckpt["normalization"]["mean"], ckpt["normalization"]["std"], torch.device("cpu"))
+def predict(model, model_file: ModelFile, paths: list[Path], top: int = 3, invert: bool = False) -> list[dict]:
+    batch = model_file.prepare(model_file.read_images(paths, invert))
     with torch.inference_mode():
-        probs = model(normalize(batch)).softmax(1)
+        probs = model(batch).softmax(1)
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
-    return [{"image": str(p), "top": [{"class": ckpt["classes"][i], "probability": round(v, 4)}
+    return [{"image": str(p), "top": [{"class": model_file.classes[i], "probability": round(v, 4)}
                                       for v, i in zip(vs.tolist(), ix.tolist())]}
             for p, vs, ix in zip(paths, values, indices)]
 
@@ -47,12 +40,8 @@ def add_arguments(parser) -> None:
 def main(args) -> None:
     if args.top < 1:
         raise PipelineError(f"--top must be at least 1, got {args.top}")
-    model, ckpt = load_model(args.model)
-    missing = [key for key in ("classes", "input", "normalization") if key not in ckpt]
-    if missing:
-        raise PipelineError(f"{args.model} lacks {', '.join(missing)}: use the finished model "
-                            "(models/model.pt), not a training checkpoint")
-    results = predict(model, ckpt, args.images, args.top, args.invert)
+    model_file = ModelFile.load(args.model)
+    results = predict(model_file.build(), model_file, args.images, args.top, args.invert)
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         print()

@@ -1,10 +1,9 @@
-"""Stage 2 — preprocess: raw idx files -> compact tensors in data/prepared/, saved once.
+"""Stage 2 — preprocess: the raw files -> compact tensors in data/prepared/, saved once.
 
 Writes train.pt / val.pt / test.pt ({"images": uint8 N×C×H×W, "labels": int64 N}) and meta.json, the
 data card (class names, per-channel mean/std of the training split, shapes, input format, sha256 of
 each split, unreadable files skipped). The validation split is carved from train with a seeded
-permutation; output bytes are identical across runs. Image folders are decoded to RGB at
-preprocess.image_size (shorter side resized, center crop).
+permutation; output bytes are identical across runs and machines.
 """
 from __future__ import annotations
 
@@ -13,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from stages.data import PREPARED_DIR, pad_images
-from stages.datasets import get_dataset, read_cifar, read_idx, read_image_folder
-from stages.errors import PipelineError, run
-from stages.files import replaced_dir, torch_save, write_json
-from stages.params import load_params
+from stages.lib.data import PREPARED_DIR, pad_images
+from stages.lib.datasets import DATASETS, Raw
+from stages.lib.errors import PipelineError, run
+from stages.lib.files import replaced_dir, torch_save, write_json
+from stages.lib.params import load_params
 
 RAW_DIR = Path("data/raw")
 
@@ -41,32 +40,31 @@ def carve(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, 
     return order[:size].sort().values, order[size:].sort().values
 
 
-def prepare(raw: dict, classes: list[str], cfg: dict, seed: int, resize: str = "stretch") -> tuple[dict, dict]:
-    """raw = {"train": (images, labels), "test": (...) or None} -> ({split: tensors}, meta).
-
-    Without a test split (an image folder with no val/ or test/), `test_size` images are carved from
-    train first; then `val_size` validation images, both with the seeded permutation."""
+def prepare(raw: Raw, cfg, seed: int) -> tuple[dict, dict]:
+    """Raw images -> ({split: tensors}, meta). Without a test split (an image folder with no val/ or
+    test/), `test_size` images are carved from train first; then `val_size` validation images, both
+    with the seeded permutation."""
     generator = torch.Generator().manual_seed(seed)
-    train_x, train_y = raw["train"]
-    if cfg["max_train"]:
-        train_x, train_y = train_x[: cfg["max_train"]], train_y[: cfg["max_train"]]
-    if raw["test"] is None:
-        if not 0 < cfg["test_size"] < len(train_x):
+    train_x, train_y = raw.train
+    if cfg.max_train:
+        train_x, train_y = train_x[: cfg.max_train], train_y[: cfg.max_train]
+    if raw.test is None:
+        if not 0 < cfg.test_size < len(train_x):
             raise PipelineError(f"this data set has no test split: set preprocess.test_size to how many of its "
-                                f"{len(train_x)} images to hold out for testing (now {cfg['test_size']})")
-        test_idx, train_idx = carve(len(train_x), cfg["test_size"], generator)
+                                f"{len(train_x)} images to hold out for testing (now {cfg.test_size})")
+        test_idx, train_idx = carve(len(train_x), cfg.test_size, generator)
         (test_x, test_y), (train_x, train_y) = (train_x[test_idx], train_y[test_idx]), (train_x[train_idx], train_y[train_idx])
     else:
-        test_x, test_y = raw["test"]
-    if cfg["max_test"]:
-        test_x, test_y = test_x[: cfg["max_test"]], test_y[: cfg["max_test"]]
-    if cfg["val_size"] >= len(train_x):
-        raise PipelineError(f"preprocess.val_size={cfg['val_size']} must be smaller than the "
+        test_x, test_y = raw.test
+    if cfg.max_test:
+        test_x, test_y = test_x[: cfg.max_test], test_y[: cfg.max_test]
+    if cfg.val_size >= len(train_x):
+        raise PipelineError(f"preprocess.val_size={cfg.val_size} must be smaller than the "
                             f"{len(train_x)} training images")
-    val_idx, train_idx = carve(len(train_x), cfg["val_size"], generator)
+    val_idx, train_idx = carve(len(train_x), cfg.val_size, generator)
 
     def make(x, y):
-        return {"images": pad_images(x, cfg["pad_to"]), "labels": y.to(torch.int64).contiguous()}
+        return {"images": pad_images(x, cfg.pad_to), "labels": y.to(torch.int64).contiguous()}
 
     splits = {"train": make(train_x[train_idx], train_y[train_idx]),
               "val": make(train_x[val_idx], train_y[val_idx]),
@@ -74,50 +72,31 @@ def prepare(raw: dict, classes: list[str], cfg: dict, seed: int, resize: str = "
     mean, std = channel_stats(splits["train"]["images"])
     c, h, w = splits["train"]["images"].shape[1:]
     meta = {
-        "classes": classes,
+        "classes": raw.classes,
         "mean": mean,
         "std": std,
         "input_shape": [c, h, w],
         "source_size": list(train_x.shape[-2:]),
-        "input": {"channels": c, "size": list(train_x.shape[-2:]), "pad_to": [h, w], "resize": resize},
+        "input": {"channels": c, "size": list(train_x.shape[-2:]), "pad_to": [h, w], "resize": raw.resize},
         "counts": {name: len(s["labels"]) for name, s in splits.items()},
         "sha256": {name: split_digest(s) for name, s in splits.items()},
     }
     return splits, meta
 
 
-def read_raw(dataset, src: Path, cfg: dict):
-    """The downloaded files -> ({"train": (images, labels), "test": ... or None}, classes, skipped files)."""
-    if dataset.kind == "imagefolder":
-        if not src.is_dir():
-            raise PipelineError(f"{src} not found; run the download stage first")
-        raw, classes, skipped = read_image_folder(src, cfg["image_size"])
-        return raw, classes, skipped
-    names = [name for name, _ in dataset.files]
-    missing = [n for n in names if not (src / n).exists()]
-    if missing:
-        raise PipelineError(f"{src} lacks {', '.join(missing)}; run the download stage first")
-    if dataset.kind == "cifar":
-        train, test, classes = read_cifar(src / names[0])
-        return {"train": train, "test": test}, classes, []
-    images_train, labels_train, images_test, labels_test = (read_idx(src / n) for n in names)
-    return {"train": (images_train, labels_train), "test": (images_test, labels_test)}, dataset.classes, []
-
-
 def main(args) -> None:
     params = load_params()
-    dataset = get_dataset(params["data"]["dataset"])
-    raw, classes, skipped = read_raw(dataset, RAW_DIR / dataset.name, params["preprocess"])
-    resize = "center_crop" if dataset.kind == "imagefolder" else "stretch"
-    splits, meta = prepare(raw, classes, params["preprocess"], params["seed"], resize)
+    dataset = DATASETS[params.data.dataset]
+    raw = dataset.read(RAW_DIR / dataset.name, params.preprocess)
+    splits, meta = prepare(raw, params.preprocess, params.seed)
     meta["dataset"] = dataset.name
-    meta["skipped_files"] = {"count": len(skipped), "first": skipped[:20]}
+    meta["skipped_files"] = {"count": len(raw.skipped), "first": raw.skipped[:20]}
     with replaced_dir(PREPARED_DIR) as staging:
         for name, split in splits.items():
             torch_save(split, staging / f"{name}.pt")
         write_json(staging / "meta.json", meta)
     print(f"{PREPARED_DIR}: {meta['counts']} images of {meta['input_shape']}, mean {meta['mean']} std {meta['std']}"
-          + (f"; skipped {len(skipped)} unreadable files (listed in meta.json)" if skipped else ""))
+          + (f"; skipped {len(raw.skipped)} unreadable files (listed in meta.json)" if raw.skipped else ""))
 
 
 if __name__ == "__main__":

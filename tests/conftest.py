@@ -30,20 +30,36 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def make_params(overrides: dict | None = None) -> dict:
-    real = yaml.safe_load((REPO / "params.yaml").read_text())
-    return merge(merge(real, SMALL), overrides or {})
+def raw_params(overrides: dict | None = None) -> dict:
+    """The real params.yaml (read as DVC reads it) with SMALL and then `overrides` over it, unchecked."""
+    from stages.lib.params import read_yaml
+
+    return merge(merge(read_yaml(REPO / "params.yaml"), SMALL), overrides or {})
+
+
+def make_params(overrides: dict | None = None):
+    """raw_params, checked: the Params object the stages pass around."""
+    from stages.lib.params import validate
+
+    return validate(raw_params(overrides))
 
 
 def write_params(folder: Path, overrides: dict | None = None) -> dict:
-    params = make_params(overrides)
+    params = raw_params(overrides)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
 
 # Nothing from the caller's shell may redirect a test: no tracking server, repo root or proxy.
-SCRUB = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "TUDUI_FAULT", "http_proxy", "https_proxy", "HTTP_PROXY",
-         "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+SCRUB = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "TUDUI_FAULT", *PROXY_VARS)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """urllib would send the tests' 127.0.0.1 requests through a proxy named in the environment."""
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
 
 
 def clean_env(**extra: str) -> dict:

@@ -5,8 +5,8 @@ import zipfile
 
 import pytest
 
-from stages.archives import UnsafeArchive, extract
-from stages.errors import PipelineError
+from stages.lib.archives import UnsafeArchive, extract
+from stages.lib.errors import PipelineError
 
 
 def make_tar(path, members):

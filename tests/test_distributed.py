@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_stage, write_params
-from stages.checkpoint import load_model
+from stages.lib.modelfile import load_model
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_two_gloo_processes_train_like_one_and_resume_in_one(trained_project, tm
     assert abs(ddp["val_accuracy"] - single["val_accuracy"]) <= 0.02
     assert json.loads((folder / "metrics/train_time.json").read_text())["processes"] == 2
     model, ckpt = load_model(folder / "models/model.pt")  # a plain single-process model file
-    assert not any(key.startswith("module.") for key in ckpt["state_dict"])
+    assert not any(key.startswith("module.") for key in ckpt.state_dict)
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
 
     write_params(folder, {"train": {"nproc": 1, "epochs": 2}})

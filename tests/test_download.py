@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from conftest import run_stage, write_params
-from stages.datasets import FASHION_MNIST, file_matches, read_idx
-from stages.download import download, fetch_file, sources_for
-from stages.errors import PipelineError
+from stages.lib.datasets import FASHION_MNIST, read_idx
+from stages.lib.errors import PipelineError
 
 DS = FASHION_MNIST
 MD5 = dict(DS.files)                      # file name -> official md5 of the .gz
@@ -44,13 +43,6 @@ def invalid_block_type(data: bytes) -> bytes:
     packed = bytearray(gzip.compress(data, mtime=0))
     packed[10] |= 0b110  # byte 10 is the first block header (no FNAME in this header): BTYPE bits = 11
     return bytes(packed)
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """urllib would send 127.0.0.1 requests through a proxy named in the environment."""
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
 
 
 # --- a real HTTP server on 127.0.0.1 ---------------------------------------------------------------
@@ -139,11 +131,11 @@ def silent_port():
 
 def test_download_from_debian_folder(mirror, tmp_path):
     dest = tmp_path / "raw"
-    used = download(DS, dest, [str(mirror)], TIMEOUT)
+    used = DS.download(dest, [str(mirror)], TIMEOUT)
     assert used == {name: str(mirror) for name in NAMES}
     assert listing(dest) == sorted(NAMES)
     for name in NAMES:
-        assert file_matches(dest / name, DS, name, MD5[name])
+        assert DS.file_matches(dest / name, name, MD5[name])
         assert (dest / name).read_bytes() == (mirror / name).read_bytes()
 
 
@@ -161,7 +153,7 @@ def test_bad_first_folder_is_skipped_for_the_next_source(mirror, tmp_path):
     dest.mkdir()
     (dest / labels).write_bytes(b"stale")  # a wrong file already in place is replaced
 
-    used = download(DS, dest, [str(bad), str(mirror)], TIMEOUT)
+    used = DS.download(dest, [str(bad), str(mirror)], TIMEOUT)
 
     assert used == {name: str(mirror) for name in NAMES}
     assert listing(dest) == sorted(NAMES)  # no .NAME.*.tmp left behind
@@ -173,8 +165,8 @@ def test_first_good_source_wins(mirror, tmp_path):
     second = tmp_path / "second"
     second.mkdir()
     (second / LABELS).write_bytes(gzip.compress(content(mirror / LABELS), mtime=0))
-    assert fetch_file(DS, LABELS, MD5[LABELS], [str(second), str(mirror)], tmp_path / "a", TIMEOUT) == str(second)
-    assert fetch_file(DS, LABELS, MD5[LABELS], [str(mirror), str(second)], tmp_path / "b", TIMEOUT) == str(mirror)
+    assert DS.fetch_file(LABELS, [str(second), str(mirror)], tmp_path / "a", TIMEOUT) == str(second)
+    assert DS.fetch_file(LABELS, [str(mirror), str(second)], tmp_path / "b", TIMEOUT) == str(mirror)
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
@@ -182,7 +174,7 @@ def test_first_good_source_wins(mirror, tmp_path):
 def test_http_source_serves_real_files(www, mirror, tmp_path):
     dest = tmp_path / "raw"
     url = www.url("good") + "/"  # a trailing slash on a base URL is fine
-    used = download(DS, dest, [url], TIMEOUT)
+    used = DS.download(dest, [url], TIMEOUT)
     assert used == {name: url for name in NAMES}
     assert sorted(www.requests) == sorted(f"/good/{name}" for name in NAMES)
     assert listing(dest) == sorted(NAMES)
@@ -199,12 +191,12 @@ def test_http_source_serves_real_files(www, mirror, tmp_path):
 def test_bad_http_source_is_refused_and_the_next_one_used(www, mirror, tmp_path, kind, why):
     bad = www.url(kind)
     with pytest.raises(PipelineError) as failed:
-        fetch_file(DS, LABELS, MD5[LABELS], [bad], tmp_path / "alone", TIMEOUT)
+        DS.fetch_file(LABELS, [bad], tmp_path / "alone", TIMEOUT)
     assert f"{bad} ({why}" in str(failed.value)
     assert listing(tmp_path / "alone") == []  # no partial or wrong file, no temp file
 
     dest = tmp_path / "raw"
-    assert fetch_file(DS, LABELS, MD5[LABELS], [bad, www.url("good")], dest, TIMEOUT) == www.url("good")
+    assert DS.fetch_file(LABELS, [bad, www.url("good")], dest, TIMEOUT) == www.url("good")
     assert www.requests == [f"/{kind}/{LABELS}"] * 2 + [f"/good/{LABELS}"]
     assert listing(dest) == [LABELS]
     assert (dest / LABELS).read_bytes() == (mirror / LABELS).read_bytes()
@@ -215,7 +207,7 @@ def test_all_sources_failing_names_each_and_says_how_to_fix(www, tmp_path, close
                www.url("garbage"), f"http://127.0.0.1:{closed_port}"]
     dest = tmp_path / "raw"
     with pytest.raises(PipelineError) as failed:
-        download(DS, dest, sources, TIMEOUT)
+        DS.download(dest, sources, TIMEOUT)
     message = str(failed.value)
     assert "\n" not in message
     assert NAMES[0] in message
@@ -227,7 +219,7 @@ def test_all_sources_failing_names_each_and_says_how_to_fix(www, tmp_path, close
 
 def test_no_sources_at_all(tmp_path):
     with pytest.raises(PipelineError, match="no sources"):
-        fetch_file(DS, LABELS, MD5[LABELS], [], tmp_path, TIMEOUT)
+        DS.fetch_file(LABELS, [], tmp_path, TIMEOUT)
 
 
 # --- offline ---------------------------------------------------------------------------------------
@@ -235,7 +227,7 @@ def test_no_sources_at_all(tmp_path):
 def test_offline_closed_port_fails_with_pipeline_error(tmp_path, closed_port):
     source = f"http://127.0.0.1:{closed_port}"
     with pytest.raises(PipelineError, match="refused") as failed:
-        download(DS, tmp_path / "raw", [source], 1.0)
+        DS.download(tmp_path / "raw", [source], 1.0)
     assert source in str(failed.value)
     assert listing(tmp_path / "raw") == []
 
@@ -243,7 +235,7 @@ def test_offline_closed_port_fails_with_pipeline_error(tmp_path, closed_port):
 def test_silent_server_times_out_after_timeout_s(tmp_path, silent_port):
     source = f"http://127.0.0.1:{silent_port}"
     with pytest.raises(PipelineError, match="timed out"):
-        fetch_file(DS, LABELS, MD5[LABELS], [source], tmp_path, 0.5)
+        DS.fetch_file(LABELS, [source], tmp_path, 0.5)
     assert listing(tmp_path) == []
 
 
@@ -254,9 +246,9 @@ def test_sources_for_order(mirror):
     official = DS.official_mirrors
     assert official and all(m.startswith(("http://", "https://")) for m in official)
     assert DS.system_dirs() == [str(mirror)]
-    assert sources_for(DS, mirrors) == [*mirrors, str(mirror), *official]
+    assert DS.sources(mirrors) == [*mirrors, str(mirror), *official]
     # each source once, at its first place
-    assert sources_for(DS, [str(mirror), "/a", "/a"]) == [str(mirror), "/a", *official]
+    assert DS.sources([str(mirror), "/a", "/a"]) == [str(mirror), "/a", *official]
 
 
 def test_system_dirs_reads_dpkg_listing_else_the_usual_place(monkeypatch):
@@ -277,15 +269,15 @@ def test_system_dirs_reads_dpkg_listing_else_the_usual_place(monkeypatch):
 def test_debian_files_differ_from_official_gz_but_match(mirror):
     for name in NAMES:
         assert hashlib.md5((mirror / name).read_bytes()).hexdigest() != MD5[name]  # re-gzipped by Debian
-        assert file_matches(mirror / name, DS, name, MD5[name])
+        assert DS.file_matches(mirror / name, name, MD5[name])
 
 
 def test_file_matches_accepts_the_official_gz_md5(tmp_path):
     path = tmp_path / "f.gz"
     path.write_bytes(b"whatever bytes the official .gz holds")
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
-    assert file_matches(path, DS, LABELS, md5)
-    assert not file_matches(path, DS, LABELS, MD5[LABELS])
+    assert DS.file_matches(path, LABELS, md5)
+    assert not DS.file_matches(path, LABELS, MD5[LABELS])
 
 
 def test_file_matches_accepts_repacked_content(mirror, tmp_path):
@@ -293,10 +285,10 @@ def test_file_matches_accepts_repacked_content(mirror, tmp_path):
     assert repacked != (mirror / LABELS).read_bytes()
     path = tmp_path / LABELS
     path.write_bytes(repacked)
-    assert file_matches(path, DS, LABELS, MD5[LABELS])
+    assert DS.file_matches(path, LABELS, MD5[LABELS])
     # the same bytes are not some other file of the set
     other = "train-labels-idx1-ubyte.gz"
-    assert not file_matches(path, DS, other, MD5[other])
+    assert not DS.file_matches(path, other, MD5[other])
 
 
 def _flip_content_byte(data: bytes) -> bytes:
@@ -315,7 +307,7 @@ def _flip_content_byte(data: bytes) -> bytes:
 def test_file_matches_rejects(mirror, tmp_path, corrupt):
     path = tmp_path / LABELS
     path.write_bytes(corrupt(content(mirror / LABELS)))
-    assert not file_matches(path, DS, LABELS, MD5[LABELS])
+    assert not DS.file_matches(path, LABELS, MD5[LABELS])
 
 
 # --- read_idx ------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from conftest import make_params
-from stages.engine import WeightAverage, learning_rate
-from stages.models import FastCNN, FlipAveraged, build_model, freeze_backbone, model_config
+from stages.lib.engine import WeightAverage, learning_rate
+from stages.lib.models import FastCNN, FlipAveraged, build_model, freeze_backbone, model_config
 from stages.train import fingerprint
 
 

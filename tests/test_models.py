@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from stages.errors import PipelineError
-from stages.models import Tudui, build_model, model_config
+from stages.lib.errors import PipelineError
+from stages.lib.models import Tudui, build_model, model_config
 
 
 def test_tutorial_shapes_layer_by_layer():
@@ -33,7 +33,9 @@ def test_grayscale_input_and_other_class_counts():
 
 
 def test_sizes_the_net_cannot_take_are_refused():
-    with pytest.raises(PipelineError, match="divisible by 8"):
-        Tudui(1, (28, 28), 10)
+    with pytest.raises(PipelineError, match="cifar10_quick needs height and width divisible by 8, got 28×28"):
+        model_config("cifar10_quick", [1, 28, 28], 10)
+    with pytest.raises(PipelineError, match="vgg16 needs inputs of at least 32×32, got 28×28"):
+        model_config("vgg16", [1, 28, 28], 10)
     with pytest.raises(PipelineError, match="allowed: cifar10_quick"):
         build_model({"name": "vgg99", "in_channels": 1, "input_size": [32, 32], "num_classes": 10})

@@ -4,20 +4,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, make_params, run_stage, write_params
-from stages.params import ParamsError, flatten, load_params, validate
+from conftest import REPO, raw_params, run_stage, write_params
+from stages.lib.params import ParamsError, flatten, load_params, validate
 
 
 def test_committed_params_are_valid():
     params = load_params(REPO / "params.yaml")
-    assert params["train"]["lr"] == 0.01 and params["train"]["batch_size"] == 64
-    assert params["train"]["epochs"] == 10 and params["model"]["name"] == "cifar10_quick"
+    assert params.train.lr == 0.01 and params.train.batch_size == 64
+    assert params.train.epochs == 10 and params.model.name == "cifar10_quick"
+    assert params.flat()["train.lr"] == 0.01
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train": {"lrr": 0.1}}, "unknown key train.lrr; did you mean 'lr'?"),
     ({"trian": {}}, "unknown key trian; did you mean 'train'?"),
-    ({"train": {"lr": "1e-3"}}, "write numbers like 1.0e-3"),
+    ({"train": {"lr": "1e-3"}}, "train.lr must be a number, got str '1e-3' (a quoted number is text in YAML"),
+    ({"train": {"lr": "fast"}}, "train.lr must be a number, got str 'fast'"),
     ({"train": {"lr": -0.1}}, "train.lr must be > 0, got -0.1"),
     ({"train": {"lr": 0}}, "train.lr must be > 0"),
     ({"train": {"epochs": 0}}, "train.epochs must be >= 1, got 0"),
@@ -31,7 +33,7 @@ def test_committed_params_are_valid():
 ])
 def test_bad_values_are_named_with_what_is_allowed(overrides, message):
     with pytest.raises(ParamsError) as info:
-        validate(make_params(overrides))
+        validate(raw_params(overrides))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -41,22 +43,23 @@ def test_bad_values_are_named_with_what_is_allowed(overrides, message):
     ({"data": {"dataset": "imagefolder"}}, "data.dataset imagefolder needs data.source"),
 ])
 def test_combinations_that_cannot_work(tmp_path, overrides, message):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(make_params(overrides)))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params(overrides)))
     with pytest.raises(ParamsError, match=message):
         load_params(tmp_path / "params.yaml")
 
 
 def test_missing_key_and_non_mapping():
-    params = make_params()
+    params = raw_params()
     del params["train"]["lr"]
     with pytest.raises(ParamsError, match="missing key train.lr"):
         validate(params)
     with pytest.raises(ParamsError, match="train must be a mapping"):
-        validate({**make_params(), "train": [1, 2]})
+        validate({**raw_params(), "train": [1, 2]})
 
 
 def test_integers_are_accepted_where_floats_are_expected():
-    assert validate(make_params({"train": {"lr": 1}}))["train"]["lr"] == 1.0
+    params = validate(raw_params({"train": {"lr": 1}}))
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
 
 
 def test_unreadable_yaml(tmp_path):
@@ -71,15 +74,22 @@ def test_flatten():
     assert flatten({"seed": 0, "train": {"lr": 0.1}}) == {"seed": 0, "train.lr": 0.1}
 
 
+def test_yaml_is_read_as_dvc_reads_it(tmp_path):
+    """YAML 1.2, like DVC: 1e-3 is a number (YAML 1.1 readers such as PyYAML see the text '1e-3')."""
+    write_params(tmp_path)
+    text = (tmp_path / "params.yaml").read_text().replace("lr: 0.01", "lr: 1e-3")
+    (tmp_path / "params.yaml").write_text(text)
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"
+    assert load_params(tmp_path / "params.yaml").train.lr == 0.001
+
+
 @pytest.mark.parametrize("stage", ["download", "train"])
 def test_stage_refuses_bad_params_before_touching_anything(tmp_path, stage):
     write_params(tmp_path)
-    text = (tmp_path / "params.yaml").read_text().replace("lr: 0.01", "lr: 1e-2")
+    text = (tmp_path / "params.yaml").read_text().replace("lr: 0.01", "lr: '1e-2'")
     (tmp_path / "params.yaml").write_text(text)
-    assert yaml.safe_load(text)["train"]["lr"] == "1e-2"
     result = run_stage(tmp_path, stage)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: train.lr must be a number, got str '1e-2' (YAML read '1e-2' as text; "
-        "write numbers like 1.0e-3 with a dot and a signed exponent)"]
+        "error: train.lr must be a number, got str '1e-2' (a quoted number is text in YAML: remove the quotes)"]
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["params.yaml"]

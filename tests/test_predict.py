@@ -7,6 +7,7 @@ whole probability vectors and preprocessed tensors, not just top-1 labels, so th
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pickle
@@ -24,10 +25,10 @@ from PIL import Image, ImageFile
 
 from conftest import run_stage
 from stages import predict as P
-from stages.checkpoint import FORMAT, load_checkpoint, load_model
-from stages.engine import make_normalizer
-from stages.errors import PipelineError
-from stages.images import MAX_PIXELS
+from stages.lib.errors import PipelineError
+from stages.lib.images import load_image
+from stages.lib.modelfile import FORMAT, ModelFile, load_model, read_torch_file
+from stages.lib.images import MAX_PIXELS
 
 N_PARITY = 20
 
@@ -74,8 +75,8 @@ def check_probabilities(result: dict, classes: list[str]) -> None:
     assert sum(probs) == pytest.approx(1, abs=1e-3)  # ten values rounded to 4 decimals
 
 
-def model_input(ckpt: dict) -> tuple[int, list[int]]:
-    return ckpt["input"]["channels"], ckpt["input"]["size"]
+def model_input(ckpt: ModelFile) -> tuple[int, list[int]]:
+    return ckpt.input["channels"], ckpt.input["size"]
 
 
 # --- 1. parity with training's preprocessing ----------------------------------------------------------
@@ -83,19 +84,19 @@ def model_input(ckpt: dict) -> tuple[int, list[int]]:
 def test_predict_matches_the_model_on_the_prepared_tensors(loaded, test_images, pictures):
     model, ckpt = loaded
     padded, _ = test_images
-    normalize = make_normalizer(ckpt["normalization"]["mean"], ckpt["normalization"]["std"], torch.device("cpu"))
+    normalize = ckpt.normalizer()
     with torch.inference_mode():
         expected = model(normalize(padded)).softmax(1)
     # the check below is only informative if the model does not answer the same for every image
     assert (expected - expected[0]).abs().max() > 1e-3
 
-    results = P.predict(model, ckpt, pictures, top=len(ckpt["classes"]))
+    results = P.predict(model, ckpt, pictures, top=len(ckpt.classes))
     assert [r["image"] for r in results] == [str(p) for p in pictures]
     for result, probs in zip(results, expected):
-        check_probabilities(result, ckpt["classes"])
-        assert top1(result) == ckpt["classes"][probs.argmax().item()]
+        check_probabilities(result, ckpt.classes)
+        assert top1(result) == ckpt.classes[probs.argmax().item()]
         got = {t["class"]: t["probability"] for t in result["top"]}
-        for name, p in zip(ckpt["classes"], probs.tolist()):
+        for name, p in zip(ckpt.classes, probs.tolist()):
             assert got[name] == pytest.approx(p, abs=1e-4), name
 
 
@@ -137,8 +138,8 @@ def test_lossless_formats_give_the_same_input_and_answer_as_grayscale_png(name, 
         with Image.open(path) as image:
             assert image.mode in modes, "the file does not exercise the intended conversion"
         paths.append(path)
-        assert torch.equal(P.load_image(path, *model_input(ckpt)), P.load_image(pictures[i], *model_input(ckpt)))
-        assert torch.equal(P.load_image(path, *model_input(ckpt))[0], torch.from_numpy(test_images[1][i]))
+        assert torch.equal(load_image(path, *model_input(ckpt)), load_image(pictures[i], *model_input(ckpt)))
+        assert torch.equal(load_image(path, *model_input(ckpt))[0], torch.from_numpy(test_images[1][i]))
     results = P.predict(model, ckpt, paths, top=1)
     assert [top1(r) for r in results] == [top1(r) for r in P.predict(model, ckpt, pictures[:3], top=1)]
 
@@ -152,11 +153,11 @@ def test_cmyk_jpeg_is_close_to_the_grayscale_picture(loaded, test_images, tmp_pa
     Image.fromarray(gray, "L").convert("CMYK").save(path, quality=95)
     with Image.open(path) as image:
         assert image.mode == "CMYK"
-    x = P.load_image(path, *model_input(ckpt))
+    x = load_image(path, *model_input(ckpt))
     assert x.shape == (1, 28, 28)
     assert (x[0].int() - torch.from_numpy(gray).int()).abs().max() <= 24
     [result] = P.predict(model, ckpt, [path], top=10)
-    check_probabilities(result, ckpt["classes"])
+    check_probabilities(result, ckpt.classes)
 
 
 def test_larger_images_are_resized_to_the_training_size(loaded, test_images, tmp_path):
@@ -167,12 +168,12 @@ def test_larger_images_are_resized_to_the_training_size(loaded, test_images, tmp
     Image.fromarray(gray, "L").resize((280, 280), Image.Resampling.NEAREST).save(big)
     wide = tmp_path / "wide.jpg"
     Image.fromarray(gray, "L").convert("RGB").resize((600, 400)).save(wide)
-    x = P.load_image(big, *model_input(ckpt))
+    x = load_image(big, *model_input(ckpt))
     assert x.shape == (1, 28, 28)
     assert (x[0].float() - torch.from_numpy(gray).float()).abs().mean() < 8
-    assert P.load_image(wide, *model_input(ckpt)).shape == (1, 28, 28)
+    assert load_image(wide, *model_input(ckpt)).shape == (1, 28, 28)
     for result in P.predict(model, ckpt, [big, wide], top=10):
-        check_probabilities(result, ckpt["classes"])
+        check_probabilities(result, ckpt.classes)
 
 
 def test_color_pictures_become_luma(loaded, test_images, tmp_path):
@@ -184,14 +185,14 @@ def test_color_pictures_become_luma(loaded, test_images, tmp_path):
     path = tmp_path / "color.png"
     Image.fromarray(rgb, "RGB").save(path)
     luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    x = P.load_image(path, *model_input(ckpt))[0].double()
+    x = load_image(path, *model_input(ckpt))[0].double()
     assert (x - torch.from_numpy(luma)).abs().max() <= 1
 
 
 def test_invert_flips_gray_levels(loaded, test_images, pictures):
     _, ckpt = loaded
-    plain = P.load_image(pictures[0], *model_input(ckpt))
-    assert torch.equal(P.load_image(pictures[0], *model_input(ckpt), invert=True), 255 - plain)
+    plain = load_image(pictures[0], *model_input(ckpt))
+    assert torch.equal(load_image(pictures[0], *model_input(ckpt), invert=True), 255 - plain)
 
 
 # --- 3. unreadable images ------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def test_decompression_bomb_is_refused_before_decoding(loaded, tmp_path, no_deco
     assert bomb.stat().st_size < 100_000
     began = time.perf_counter()
     with pytest.raises(PipelineError, match="too large") as info:
-        P.load_image(bomb, *model_input(ckpt))
+        load_image(bomb, *model_input(ckpt))
     assert time.perf_counter() - began < 1
     assert str(info.value).startswith(f"{bomb}: ")
 
@@ -270,7 +271,7 @@ def test_huge_headers_are_refused_before_decoding(width, height, loaded, tmp_pat
     path = tmp_path / "huge.png"
     path.write_bytes(png_header(width, height))
     with pytest.raises(PipelineError, match="too large") as info:
-        P.load_image(path, *model_input(ckpt))
+        load_image(path, *model_input(ckpt))
     assert str(info.value).startswith(f"{path}: ")
 
 
@@ -281,7 +282,7 @@ def test_png_header_helper_is_a_real_png(tmp_path):
     with Image.open(path) as image:
         assert image.size == (100, 100)
     with pytest.raises(PipelineError, match="damaged image"):
-        P.load_image(path, 1, [28, 28])
+        load_image(path, 1, [28, 28])
 
 
 # --- 4. --top -------------------------------------------------------------------------------------------
@@ -295,8 +296,8 @@ def parse(trained_project: Path, *argv: str, model: str = "models/model.pt") -> 
 def test_top_larger_than_the_class_count_is_clamped(loaded, pictures):
     model, ckpt = loaded
     [result] = P.predict(model, ckpt, pictures[:1], top=50)
-    assert len(result["top"]) == len(ckpt["classes"]) == 10
-    check_probabilities(result, ckpt["classes"])
+    assert len(result["top"]) == len(ckpt.classes) == 10
+    check_probabilities(result, ckpt.classes)
     [short] = P.predict(model, ckpt, pictures[:1], top=2)
     assert short["top"] == result["top"][:2]
 
@@ -334,7 +335,9 @@ class Payload:
 
 def test_valid_model_file_loads(loaded):
     model, ckpt = loaded
-    assert ckpt["format"] == FORMAT and not model.training
+    assert isinstance(ckpt, ModelFile) and ckpt.epoch == 1 and not model.training
+    saved = torch.load(io.BytesIO(ckpt.to_bytes()), weights_only=True)  # a round trip gives the same file
+    assert saved["format"] == FORMAT and saved["classes"] == ckpt.classes
 
 
 def test_malicious_torch_file_is_refused_without_running_it(tmp_path):
@@ -342,7 +345,7 @@ def test_malicious_torch_file_is_refused_without_running_it(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "model": {}, "state_dict": Payload(marker)}, evil)
     with pytest.raises(PipelineError, match="refused") as info:
-        load_checkpoint(evil)
+        read_torch_file(evil)
     assert str(evil) in str(info.value) and "system" in str(info.value)
     assert not marker.exists()
     # control: the file really is dangerous when loaded the unsafe way
@@ -356,7 +359,7 @@ def test_malicious_plain_pickle_is_refused_without_running_it(protocol, tmp_path
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"format": FORMAT, "x": Payload(marker)}, protocol=protocol))
     with pytest.raises(PipelineError) as info:
-        load_checkpoint(evil)
+        read_torch_file(evil)
     assert str(info.value).startswith(str(evil))
     assert not marker.exists()
     assert not [w for w in recwarn if "torch" in w.filename], "torch warnings would add lines to the one-line error"
@@ -370,7 +373,7 @@ def test_random_bytes_are_not_a_pytorch_file(seed, tmp_path):
     path = tmp_path / "random.pt"
     path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.choice([7, 200, 4096]))))
     with pytest.raises(PipelineError, match="is not a readable PyTorch file") as info:
-        load_checkpoint(path)
+        read_torch_file(path)
     assert str(info.value).startswith(str(path))
 
 
@@ -379,7 +382,7 @@ def test_damaged_files_are_not_a_pytorch_file(content, tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(content)
     with pytest.raises(PipelineError, match="is not a readable PyTorch file"):
-        load_checkpoint(path)
+        read_torch_file(path)
 
 
 def test_truncated_model_file_is_not_a_pytorch_file(trained_project, tmp_path):
@@ -395,14 +398,14 @@ def test_other_torch_files_are_not_model_files(obj, tmp_path):
     path = tmp_path / "other.pt"
     torch.save(obj, path)
     with pytest.raises(PipelineError, match="not a model file of this pipeline"):
-        load_checkpoint(path)
+        read_torch_file(path)
 
 
 def test_missing_paths_are_a_pipeline_error(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
-        load_checkpoint(tmp_path / "nothing.pt")
+        read_torch_file(tmp_path / "nothing.pt")
     with pytest.raises(PipelineError, match="is not a file"):
-        load_checkpoint(tmp_path)
+        read_torch_file(tmp_path)
 
 
 def test_model_file_without_weights_is_damaged(trained_project, tmp_path):
@@ -420,7 +423,7 @@ def test_weights_for_another_class_count_are_a_clear_mismatch(trained_project, t
     ckpt["model"]["num_classes"] = 7
     path = tmp_path / "model.pt"
     torch.save(ckpt, path)
-    assert load_checkpoint(path)["model"]["num_classes"] == 7  # readable; only the weights do not fit
+    assert read_torch_file(path)["model"]["num_classes"] == 7  # readable; only the weights do not fit
     with pytest.raises(PipelineError, match="weights do not fit") as info:
         load_model(path)
     assert str(info.value).startswith(str(path)) and "size mismatch" in str(info.value)

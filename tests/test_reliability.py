@@ -1,5 +1,5 @@
 """Fault injection: a training killed with SIGKILL or Ctrl-C at a chosen step (TUDUI_FAULT, see
-stages/faults.py: deterministic, whatever the machine's speed), unwritable outputs, atomic writes."""
+stages/lib/faults.py: deterministic, whatever the machine's speed), unwritable outputs, atomic writes."""
 import json
 import os
 import shutil
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import REPO, clean_env, run_stage, write_params
-from stages.checkpoint import load_checkpoint
-from stages.errors import PipelineError
-from stages.files import atomic_path, replaced_dir, write_files, write_json
+from stages.lib.modelfile import read_torch_file
+from stages.lib.errors import PipelineError
+from stages.lib.files import atomic_path, replaced_dir, write_files, write_json
 
 # 500 training images in batches of 64: 8 SGD steps per epoch, so step 12 is in the middle of epoch 2.
 THREE_EPOCHS = {"train": {"epochs": 3}}
@@ -45,7 +45,7 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(uninterrupted, prepar
     write_params(killed, THREE_EPOCHS)
     result = run_stage(killed, "train", env={"TUDUI_FAULT": fault})
     assert result.returncode == -signal.SIGKILL
-    assert load_checkpoint(killed / "models/checkpoint.pt")["epoch"] == 1
+    assert read_torch_file(killed / "models/checkpoint.pt")["epoch"] == 1
     assert not (killed / "models/model.pt").exists()
     if "checkpoint" in fault:
         assert list((killed / "models").glob(".checkpoint.pt.*.tmp"))  # the kill left it behind
@@ -68,7 +68,7 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(prepared_project, t
     result = run_stage(folder, "train", env={"TUDUI_FAULT": "sigint@step=12"})
     assert result.returncode == 130
     assert result.stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in result.stderr
-    assert load_checkpoint(folder / "models/checkpoint.pt")["epoch"] == 1
+    assert read_torch_file(folder / "models/checkpoint.pt")["epoch"] == 1
     assert not (folder / "models/model.pt").exists() and not (folder / "metrics").exists()
 
 
@@ -105,7 +105,7 @@ def test_write_files_writes_all_or_nothing(tmp_path):
 
 
 def test_changed_settings_start_over(prepared_project, tmp_path):
-    from stages.checkpoint import FORMAT
+    from stages.lib.modelfile import FORMAT
 
     folder = copy_of(prepared_project, tmp_path, "changed")
     (folder / "models").mkdir()

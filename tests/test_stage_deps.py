@@ -106,7 +106,7 @@ def test_the_closure_follows_lazy_and_package_imports(tmp_path):
 
 def test_every_output_survives_a_failed_run():
     """DVC deletes a stage's outputs before it runs the command unless they are `persist: true`; every
-    stage here replaces its outputs itself, only when it succeeded (see stages/files.py)."""
+    stage here replaces its outputs itself, only when it succeeded (see stages/lib/files.py)."""
     for name, stage in STAGES.items():
         for kind in ("outs", "metrics", "plots"):
             for out in stage.get(kind, []):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import make_params, merge, run_stage, write_params
-from stages.checkpoint import FORMAT, load_checkpoint
-from stages.data import load_meta, load_split
-from stages.engine import resolve_device
-from stages.errors import PipelineError
-from stages.train import fingerprint, fit, try_resume
+from stages.lib.modelfile import FORMAT, read_torch_file
+from stages.lib.data import load_meta, load_split
+from stages.lib.engine import resolve_device
+from stages.lib.errors import PipelineError
+from stages.train import QUIET, Callbacks, fingerprint, fit, try_resume
 
 
 def test_train_outputs(trained_project):
@@ -31,7 +31,7 @@ def test_train_outputs(trained_project):
     speed = json.loads((trained_project / "metrics/train_time.json").read_text())
     assert speed["device"] == "cpu" and speed["images_per_s"] > 0
 
-    checkpoint = load_checkpoint(trained_project / "models/checkpoint.pt")
+    checkpoint = read_torch_file(trained_project / "models/checkpoint.pt")
     assert checkpoint["epoch"] == 1 and "optimizer" in checkpoint and checkpoint["fingerprint"]
 
 
@@ -54,7 +54,7 @@ def small_data(folder, n_train):
 def test_training_learns(prepared_project):
     meta, data = small_data(prepared_project, 500)
     params = make_params({"train": {"epochs": 3, "lr": 0.05, "momentum": 0.9}})
-    _, history, _, _ = fit(params, meta, data, torch.device("cpu"), print_fn=lambda *_: None)
+    history = fit(params, meta, data, torch.device("cpu"), callbacks=QUIET).history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_accuracy"] > 0.5  # chance is 0.1
 
@@ -69,30 +69,28 @@ FAST = {"model": {"name": "fast_cnn", "tta_flip": True},
 def test_resumed_run_equals_uninterrupted_run(prepared_project, overrides):
     meta, data = small_data(prepared_project, 200)
     params = make_params(merge({"train": {"epochs": 2, "momentum": 0.9}}, overrides))
-    quiet = dict(print_fn=lambda *_: None)
     saved = []
-    snapshot = lambda ckpt: saved.append(copy.deepcopy(ckpt))  # noqa: E731  (the dict holds live tensors)
-    model_a, history_a, _, _ = fit(params, meta, data, torch.device("cpu"), save_checkpoint=snapshot, **quiet)
+    snapshot = Callbacks(on_epoch=lambda row, seconds, ckpt: saved.append(copy.deepcopy(ckpt)),  # live tensors
+                         print=QUIET.print)
+    a = fit(params, meta, data, torch.device("cpu"), callbacks=snapshot)
     assert [ckpt["epoch"] for ckpt in saved] == [1, 2]
 
-    model_b, history_b, _, seconds = fit(params, meta, data, torch.device("cpu"), resume=saved[0], **quiet)
+    b = fit(params, meta, data, torch.device("cpu"), resume=saved[0], callbacks=QUIET)
 
-    assert len(seconds) == 1 and history_b == history_a
-    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+    assert len(b.epoch_seconds) == 1 and b.history == a.history
+    for (name, a), b in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_constant_lr_runs_continue_with_more_epochs(prepared_project):
     """With the tutorial's constant lr, a 1-epoch run resumed to 2 epochs equals a 2-epoch run."""
     meta, data = small_data(prepared_project, 200)
-    quiet = dict(print_fn=lambda *_: None)
-    model_a, history_a, _, _ = fit(make_params({"train": {"epochs": 2}}), meta, data, torch.device("cpu"), **quiet)
-    saved = []
-    fit(make_params({"train": {"epochs": 1}}), meta, data, torch.device("cpu"), save_checkpoint=saved.append, **quiet)
-    model_b, history_b, _, _ = fit(make_params({"train": {"epochs": 2}}), meta, data, torch.device("cpu"),
-                                   resume=saved[-1], **quiet)
-    assert history_b == history_a
-    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    a = fit(make_params({"train": {"epochs": 2}}), meta, data, torch.device("cpu"), callbacks=QUIET)
+    one = fit(make_params({"train": {"epochs": 1}}), meta, data, torch.device("cpu"), callbacks=QUIET)
+    b = fit(make_params({"train": {"epochs": 2}}), meta, data, torch.device("cpu"), resume=one.checkpoint,
+            callbacks=QUIET)
+    assert b.history == a.history
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
 def test_fast_recipe_model_file_holds_the_averaged_weights(prepared_project, tmp_path):

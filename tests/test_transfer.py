@@ -10,10 +10,10 @@ import torchvision
 from torch import nn
 
 from conftest import make_params
-from stages.engine import make_augmenter
-from stages.errors import PipelineError
-from stages.models import HEADS, build_model, freeze_backbone, model_config
-from stages.train import fingerprint, fit
+from stages.lib.loader import make_augmenter
+from stages.lib.errors import PipelineError
+from stages.lib.models import MODELS, build_model, freeze_backbone, model_config
+from stages.train import QUIET, fingerprint, fit
 
 SHAPES = {"gray32": [1, 32, 32], "rgb32": [3, 32, 32], "rgb64": [3, 64, 64]}  # (Fashion-)MNIST, CIFAR-10, folder
 RESNET18_FILE = "resnet18-f37072fd.pth"
@@ -33,7 +33,7 @@ def vgg16_template(vgg16=torchvision.models.vgg16) -> nn.Module:
 @pytest.fixture(autouse=True)
 def vgg16_initialised_once(monkeypatch):
     """torchvision's random init of VGG16 takes seconds on CPU and is not under test: every build starts
-    from a copy of one instance (the first-conv and head replacements in stages.models still run)."""
+    from a copy of one instance (the first-conv and head replacements in stages.lib.models still run)."""
     monkeypatch.setattr(torchvision.models, "vgg16", lambda: copy.deepcopy(vgg16_template()))
 
 
@@ -66,7 +66,7 @@ def test_every_model_builds_and_backpropagates_on_every_data_shape(name, shape, 
     assert logits.shape == (2, classes)
     nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     assert all(p.grad is not None and p.grad.any() for p in net.parameters())
-    head = net.get_submodule(HEADS[name])
+    head = net.get_submodule(MODELS[name].head)
     assert isinstance(head, nn.Linear) and head.out_features == classes
     if name == "vgg16":
         assert head is net.classifier[6] and head.in_features == 4096
@@ -143,7 +143,7 @@ def test_frozen_backbone_trains_only_the_head(name, data):
     net = built(name, shape, 2)
     freeze_backbone(net, name)
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {f"{HEADS[name]}.weight", f"{HEADS[name]}.bias"}
+    assert trainable == {f"{MODELS[name].head}.weight", f"{MODELS[name].head}.bias"}
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     nn.functional.cross_entropy(net(torch.rand(2, *shape)), torch.tensor([0, 1])).backward()
@@ -166,7 +166,8 @@ def test_fit_with_a_frozen_pretrained_backbone_updates_only_the_head(imagenet_re
     meta, data = tiny_data([3, 32, 32])
     params = make_params({"model": {"name": "resnet18", "pretrained": True, "freeze_backbone": True},
                           "train": {"batch_size": 8, "weight_decay": 1.0e-2, "momentum": 0.9}})
-    model, _, ckpt, _ = fit(params, meta, data, torch.device("cpu"), print_fn=lambda *_: None)
+    result = fit(params, meta, data, torch.device("cpu"), callbacks=QUIET)
+    model, ckpt = result.model, result.checkpoint
     start = built("resnet18", [3, 32, 32], 2, pretrained=True)  # fit seeds with params["seed"] == 0 too
     changed = {n for (n, a), b in zip(model.named_parameters(), start.parameters()) if not torch.equal(a, b)}
     assert changed == {"fc.weight", "fc.bias"}
@@ -175,17 +176,16 @@ def test_fit_with_a_frozen_pretrained_backbone_updates_only_the_head(imagenet_re
 
 def test_fit_uses_augmentation_only_when_asked():
     meta, data = tiny_data([1, 32, 32])
-    quiet = dict(print_fn=lambda *_: None)
-    plain = fit(make_params({"train": {"batch_size": 8}}), meta, data, torch.device("cpu"), **quiet)[1]
+    plain = fit(make_params({"train": {"batch_size": 8}}), meta, data, torch.device("cpu"), callbacks=QUIET).history
     augmented = make_params({"train": {"batch_size": 8, "augment_crop": 4, "augment_flip": True}})
-    assert fit(augmented, meta, data, torch.device("cpu"), **quiet)[1] != plain
+    assert fit(augmented, meta, data, torch.device("cpu"), callbacks=QUIET).history != plain
 
 
 def test_fingerprint_covers_the_new_settings():
     meta = {"sha256": "tiny"}
     base = fingerprint(make_params(), meta)
     for overrides in ({"model": {"name": "resnet18"}}, {"model": {"pretrained": True}},
-                      {"model": {"freeze_backbone": True}}, {"train": {"augment_crop": 4}},
+                      {"model": {"pretrained": True, "freeze_backbone": True}}, {"train": {"augment_crop": 4}},
                       {"train": {"augment_flip": True}}):
         assert fingerprint(make_params(overrides), meta) != base, overrides
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stages.errors import PipelineError
+from stages.lib.errors import PipelineError
 
 
 @dataclass(frozen=True)

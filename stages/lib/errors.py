@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
+import urllib.error
 
 
 class PipelineError(Exception):
@@ -10,9 +12,19 @@ class PipelineError(Exception):
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (whitespace collapsed, cut at `limit` characters), or its
-    class name when it has no message."""
-    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+    """Why `exc` happened, in one short line whatever raised it: an HTTP status, an OS error's own
+    text (strerror), else the message with its whitespace collapsed, else the class name."""
+    if isinstance(exc, urllib.error.HTTPError):
+        text = f"HTTP {exc.code} {exc.reason}"
+    elif isinstance(exc, http.client.HTTPException):
+        text = f"bad HTTP response: {type(exc).__name__} {exc}"
+    elif isinstance(exc, urllib.error.URLError):
+        text = str(exc.reason)
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc)
+    return " ".join(text.split())[:limit] or type(exc).__name__
 
 
 def run(main, argv=None, description: str | None = None, add_arguments=None) -> None:

@@ -17,12 +17,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from stages.errors import PipelineError, one_line
+from stages.lib.errors import PipelineError, one_line
 
 
 def _cannot_write(path, exc: OSError) -> PipelineError:
     where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
-    return PipelineError(f"cannot write {path}: {exc.strerror or one_line(exc)}{where}")
+    return PipelineError(f"cannot write {path}: {one_line(exc)}{where}")
 
 
 def _temp_beside(path: Path) -> Path:

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from stages.lib.errors import PipelineError, one_line
+
 RUN_FILE = Path("models/mlflow_run.json")
 
 
@@ -26,9 +28,9 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
-def tracking_uri(cfg: dict) -> str:
+def tracking_uri(cfg) -> str:
     """tracking.uri when set, else MLFLOW_TRACKING_URI, else the sqlite store in the repo root."""
-    return cfg["uri"] or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def _configure_mlflow(timeout_s: float) -> None:
@@ -48,13 +50,13 @@ def _git(*args: str) -> str:
 
 def prepared_data_md5(lock_path: Path = Path("dvc.lock")) -> str:
     """md5 of data/prepared as recorded in dvc.lock (written before train runs)."""
-    try:
-        import yaml
+    from stages.lib.params import read_yaml
 
-        for out in yaml.safe_load(lock_path.read_text())["stages"]["preprocess"]["outs"]:
+    try:
+        for out in read_yaml(lock_path)["stages"]["preprocess"]["outs"]:
             if out["path"] == "data/prepared":
                 return out["md5"]
-    except (OSError, KeyError, TypeError, ValueError):
+    except (PipelineError, KeyError, TypeError):
         pass
     return ""
 
@@ -82,13 +84,16 @@ def _sqlite_contention(exc: Exception, uri: str) -> bool:
 class Tracker:
     """Logs to one MLflow run through MlflowClient; every method is a no-op once tracking is off."""
 
-    def __init__(self, cfg: dict, run_id: str | None):
+    def __init__(self, cfg, run_id: str | None = None):
         self.cfg, self.run_id, self.client = cfg, run_id, None
-        if cfg["enabled"] and run_id:
+
+    def _open(self) -> "Tracker":
+        if self.cfg.enabled:
             self._guard(self._connect)
+        return self
 
     def _connect(self):
-        _configure_mlflow(self.cfg["timeout_s"])
+        _configure_mlflow(self.cfg.timeout_s)
         from mlflow import MlflowClient
 
         uri = tracking_uri(self.cfg)
@@ -124,22 +129,18 @@ class Tracker:
                 if attempt < SQLITE_RETRIES and _sqlite_contention(exc, tracking_uri(self.cfg)):
                     time.sleep(min(0.2 * 2 ** attempt, 3.0) * (0.5 + random.random()))
                     continue
-                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-                print(f"warning: MLflow tracking off for this stage ({tracking_uri(self.cfg)}): {reason}",
+                print(f"warning: MLflow tracking off for this stage ({tracking_uri(self.cfg)}): {one_line(exc)}",
                       file=sys.stderr, flush=True)
                 self.client = None
                 return None
 
     @classmethod
-    def start(cls, cfg: dict, params: dict, device: str, run_id: str | None = None) -> "Tracker":
+    def start(cls, cfg, params, device: str, run_id: str | None = None) -> "Tracker":
         """Open a run for this training (or reopen `run_id`, the run a resumed training began); its id is
         None when tracking is off or failing. train writes `record()` to RUN_FILE with its other outputs."""
-        tracker = cls(cfg, run_id="pending")
-        tracker.run_id = None
-        if tracker.client and run_id and tracker._reopen(run_id):
-            tracker.run_id = run_id
-        elif tracker.client:
-            tracker.run_id = tracker._create_run(params, device)
+        tracker = cls(cfg)._open()
+        if tracker.client:
+            tracker.run_id = run_id if run_id and tracker._reopen(run_id) else tracker._create_run(params, device)
         return tracker
 
     def record(self) -> dict:
@@ -154,7 +155,7 @@ class Tracker:
             return False
 
     def _experiment_id(self) -> str:
-        name, uri = self.cfg["experiment"], tracking_uri(self.cfg)
+        name, uri = self.cfg.experiment, tracking_uri(self.cfg)
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
@@ -162,12 +163,10 @@ class Tracker:
         location = (project_root() / "mlartifacts" / name).as_uri() if uri.startswith("sqlite:") else None
         return self.client.create_experiment(name, artifact_location=location)
 
-    def _create_run(self, params: dict, device: str) -> str | None:
+    def _create_run(self, params, device: str) -> str | None:
         """A new run with its tags and params; each step guarded (and retried) on its own, so a retry
         never makes a second run."""
         from mlflow.entities import Param
-
-        from stages.params import flatten
 
         experiment_id = self._guard(self._experiment_id)
         if experiment_id is None:
@@ -176,18 +175,19 @@ class Tracker:
                           tags=run_tags(device))
         if run is None:
             return None
-        params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flatten(params).items()]
+        params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in params.flat().items()]
         self._guard(self.client.log_batch, run.info.run_id, params=params)
         return run.info.run_id if self.client else None
 
     @classmethod
-    def resume(cls, cfg: dict) -> "Tracker":
+    def resume(cls, cfg) -> "Tracker":
         """The run train opened, for evaluate and export to add to."""
         try:
             run_id = json.loads(RUN_FILE.read_text()).get("run_id")
         except (OSError, ValueError):
             run_id = None
-        return cls(cfg, run_id)
+        tracker = cls(cfg, run_id)
+        return tracker._open() if run_id else tracker
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         if self.active:
@@ -224,15 +224,15 @@ class Tracker:
             self._guard(self.client.set_terminated, self.run_id, status)
 
 
-def ui_url(cfg: dict, base: str) -> str:
+def ui_url(cfg, base: str) -> str:
     """The UI page that lists this pipeline's runs with their curves (MLflow 3 otherwise opens its
     GenAI view of an experiment, which shows "No data" for training runs)."""
-    _configure_mlflow(cfg["timeout_s"])
+    _configure_mlflow(cfg.timeout_s)
     from mlflow import MlflowClient
 
-    experiment = MlflowClient(tracking_uri(cfg)).get_experiment_by_name(cfg["experiment"])
+    experiment = MlflowClient(tracking_uri(cfg)).get_experiment_by_name(cfg.experiment)
     if experiment is None:
-        return f"{base}/  (no runs yet: the experiment {cfg['experiment']!r} appears after the first training)"
+        return f"{base}/  (no runs yet: the experiment {cfg.experiment!r} appears after the first training)"
     return (f"{base}/#/experiments/{experiment.experiment_id}/runs"
             "?workflowType=machine_learning&compareRunsMode=CHART")
 
@@ -240,11 +240,11 @@ def ui_url(cfg: dict, base: str) -> str:
 if __name__ == "__main__":
     import argparse
 
-    from stages.params import load_params
+    from stages.lib.params import load_params
 
     parser = argparse.ArgumentParser(description="Print the tracking store and the MLflow UI link for this project")
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args()
-    cfg = load_params()["tracking"]
+    cfg = load_params().tracking
     print(f"store: {tracking_uri(cfg)}")
     print(f"open:  {ui_url(cfg, f'http://127.0.0.1:{args.port}')}")

@@ -1,22 +1,22 @@
-"""Model definitions, built from a small config dict that travels inside every checkpoint.
+"""The nets, one registry entry each: its builder (which also replaces the head for the data set's class
+count), its input policy, the name of that head, and its ImageNet weights file. Adding a model is one
+entry in MODELS plus its test; params.yaml's model.name accepts exactly these names.
 
-`cifar10_quick` is the tutorial's own net; `vgg16` and `resnet18` are torchvision's, with the last
-layer replaced for the data set's class count and the first conv fitted to its channel count. Their
-ImageNet weights (model.pretrained) are read only from the torch hub cache: nothing is downloaded.
+A model is rebuilt from a small config dict that travels inside every model file. ImageNet weights
+(model.pretrained) are read only from the torch hub cache: nothing is downloaded.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
-from stages.errors import PipelineError
+from stages.lib.errors import PipelineError, one_line
 
-SMALL_INPUT = 64  # resnet18 inputs smaller than this (in height or width) get the CIFAR-style stem
-IMAGENET_WEIGHTS = {"vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
-                    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1}
+WEIGHTS_URL = "https://download.pytorch.org/models/"  # where the ImageNet weights files can be fetched elsewhere
 
 
 class Tudui(nn.Module):
@@ -29,9 +29,6 @@ class Tudui(nn.Module):
     def __init__(self, in_channels: int = 3, input_size: tuple[int, int] = (32, 32), num_classes: int = 10):
         super().__init__()
         h, w = input_size
-        if h % 8 or w % 8:
-            raise PipelineError(f"cifar10_quick needs height and width divisible by 8, got {h}×{w} "
-                                "(set preprocess.pad_to, e.g. 32)")
         self.model = nn.Sequential(
             nn.Conv2d(in_channels, 32, 5, 1, 2),
             nn.MaxPool2d(2),
@@ -55,7 +52,6 @@ class FastCNN(nn.Module):
     Stage i: `convs[i]` 3×3 convs with `widths[i]` channels, each followed by BN and ReLU, with the
     stage's 2×2 max-pool right after its last conv (before BN and ReLU, as airbench does: the same net up
     to BN's sign, and a quarter of the memory traffic, which is what limits these layers on a CPU).
-    Any input from 8×8 up.
     """
 
     def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs: list[int]):
@@ -94,6 +90,10 @@ def tudui(config: dict, imagenet: dict | None) -> Tudui:
     return Tudui(config["in_channels"], tuple(config["input_size"]), config["num_classes"])
 
 
+def fast_cnn(config: dict, imagenet: dict | None) -> FastCNN:
+    return FastCNN(config["in_channels"], config["num_classes"], config["widths"], config["convs"])
+
+
 def vgg16(config: dict, imagenet: dict | None) -> nn.Module:
     """torchvision's VGG16 with `classifier[6] = nn.Linear(4096, num_classes)`, as the tutorial does.
 
@@ -101,10 +101,8 @@ def vgg16(config: dict, imagenet: dict | None) -> nn.Module:
     AdaptiveAvgPool2d((7, 7)) repeats to the 7×7 that the 25088-wide classifier (and its ImageNet
     weights) expects. For 1-channel data the first conv takes one input channel (see fit_channels).
     """
-    h, w = config["input_size"]
-    if min(h, w) < 32:
-        raise PipelineError(f"vgg16 needs inputs of at least 32×32 (five 2×2 max-pools), got {h}×{w} "
-                            "(set preprocess.pad_to or preprocess.image_size to 32 or more)")
+    import torchvision  # 2-3 s to import: only the nets that need it pay for it
+
     net = load_imagenet(torchvision.models.vgg16(), imagenet)
     net.features[0] = fit_channels(net.features[0], config["in_channels"], imagenet is not None)
     net.classifier[6] = nn.Linear(4096, config["num_classes"])
@@ -120,6 +118,8 @@ def resnet18(config: dict, imagenet: dict | None) -> nn.Module:
     7×7 stride-2 ImageNet kernels do not fit it); every other layer but fc gets them. With the
     ImageNet stem, 1-channel data gets a 1-channel conv1 (see fit_channels).
     """
+    import torchvision
+
     net = load_imagenet(torchvision.models.resnet18(), imagenet)
     if config["small_input_stem"]:
         net.conv1 = nn.Conv2d(config["in_channels"], 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -131,16 +131,24 @@ def resnet18(config: dict, imagenet: dict | None) -> nn.Module:
     return net
 
 
-def fast_cnn(config: dict, imagenet: dict | None) -> FastCNN:
-    h, w = config["input_size"]
-    if min(h, w) < 8:
-        raise PipelineError(f"fast_cnn needs inputs of at least 8×8 (three 2×2 max-pools), got {h}×{w}")
-    return FastCNN(config["in_channels"], config["num_classes"], config["widths"], config["convs"])
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[[dict, dict | None], nn.Module]  # (config, ImageNet state_dict or None) -> the net
+    head: str                   # its replaced last layer: the only one trained with model.freeze_backbone
+    min_size: int = 1           # input policy: smallest height and width it accepts ...
+    multiple_of: int = 1        # ... and what they must be multiples of
+    weights: str | None = None  # ImageNet weights file (model.pretrained), looked up in the torch hub cache
+    options: Callable[[list[int]], dict] = lambda input_shape: {}  # config entries that follow from the input
 
 
-MODELS = {"cifar10_quick": tudui, "fast_cnn": fast_cnn, "vgg16": vgg16, "resnet18": resnet18}
-HEADS = {"cifar10_quick": "model.8", "fast_cnn": "head", "vgg16": "classifier.6", "resnet18": "fc"}  # the last layer
-FAST_CNN = {"widths": [32, 64, 128], "convs": [1, 1, 2]}  # channels and conv layers of its three stages
+MODELS = {
+    "cifar10_quick": ModelEntry(tudui, head="model.8", multiple_of=8),
+    "fast_cnn": ModelEntry(fast_cnn, head="head", min_size=8,
+                           options=lambda shape: {"widths": [32, 64, 128], "convs": [1, 1, 2]}),
+    "vgg16": ModelEntry(vgg16, head="classifier.6", min_size=32, weights="vgg16-397923af.pth"),
+    "resnet18": ModelEntry(resnet18, head="fc", weights="resnet18-f37072fd.pth",
+                           options=lambda shape: {"small_input_stem": min(shape[1:]) < 64}),
+}
 
 
 def fit_channels(conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv2d:
@@ -161,17 +169,18 @@ def fit_channels(conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv
 
 
 def imagenet_weights_path(name: str) -> Path:
-    """Where torchvision caches `name`'s ImageNet weights: <torch.hub.get_dir()>/checkpoints/<file in the URL>.
+    """Where torchvision caches `name`'s ImageNet weights: <torch.hub.get_dir()>/checkpoints/<file>.
 
     Raises PipelineError naming the file and the folder when it is not there; never downloads."""
-    if name not in IMAGENET_WEIGHTS:
+    file = MODELS[name].weights
+    if file is None:
+        with_weights = [n for n, entry in MODELS.items() if entry.weights]
         raise PipelineError(f"model.pretrained: true needs a model with ImageNet weights "
-                            f"({', '.join(IMAGENET_WEIGHTS)}); {name} has none")
-    url = IMAGENET_WEIGHTS[name].url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+                            f"({', '.join(with_weights)}); {name} has none")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file
     if not path.is_file():
-        raise PipelineError(f"model.pretrained: {path.name} is not in {path.parent} and is never downloaded here; "
-                            f"fetch {url} elsewhere and put it in that folder (TORCH_HOME moves it), "
+        raise PipelineError(f"model.pretrained: {file} is not in {path.parent} and is never downloaded here; "
+                            f"fetch {WEIGHTS_URL}{file} elsewhere and put it in that folder (TORCH_HOME moves it), "
                             "or set model.pretrained: false")
     return path
 
@@ -191,18 +200,23 @@ def load_imagenet(net: nn.Module, imagenet: dict | None) -> nn.Module:
             net.load_state_dict(imagenet)
         except RuntimeError as exc:
             raise PipelineError(f"the ImageNet weights file does not fit {net.__class__.__name__} "
-                                f"({' '.join(str(exc).split())[:300]})") from None
+                                f"({one_line(exc)})") from None
     return net
 
 
 def model_config(name: str, input_shape: list[int], num_classes: int, tta_flip: bool = False) -> dict:
-    """The dict a checkpoint stores so that `build_model` can rebuild the same net, without downloads."""
-    config = {"name": name, "in_channels": input_shape[0], "input_size": list(input_shape[1:]),
-              "num_classes": num_classes}
-    if name == "resnet18":
-        config["small_input_stem"] = min(input_shape[1:]) < SMALL_INPUT
-    if name == "fast_cnn":
-        config.update({k: list(v) for k, v in FAST_CNN.items()})
+    """The dict a model file stores so that `build_model` can rebuild the same net, without downloads;
+    PipelineError when the input does not fit the model's input policy."""
+    entry = MODELS[name]
+    h, w = input_shape[1:]
+    if min(h, w) < entry.min_size:
+        raise PipelineError(f"{name} needs inputs of at least {entry.min_size}×{entry.min_size}, got {h}×{w} "
+                            f"(set preprocess.pad_to or preprocess.image_size to {entry.min_size} or more)")
+    if h % entry.multiple_of or w % entry.multiple_of:
+        raise PipelineError(f"{name} needs height and width divisible by {entry.multiple_of}, got {h}×{w} "
+                            "(set preprocess.pad_to, e.g. 32)")
+    config = {"name": name, "in_channels": input_shape[0], "input_size": [h, w], "num_classes": num_classes,
+              **entry.options(input_shape)}
     if tta_flip:
         config["tta_flip"] = True
     return config
@@ -214,7 +228,7 @@ def build_model(config: dict, pretrained: bool = False) -> nn.Module:
     if config["name"] not in MODELS:
         raise PipelineError(f"unknown model {config['name']!r}; allowed: {', '.join(MODELS)}")
     imagenet = read_imagenet_weights(config["name"]) if pretrained else None
-    net = MODELS[config["name"]](config, imagenet)
+    net = MODELS[config["name"]].build(config, imagenet)
     return FlipAveraged(net) if config.get("tta_flip") else net
 
 
@@ -223,4 +237,4 @@ def freeze_backbone(model: nn.Module, name: str) -> None:
     train mode, as in the PyTorch transfer-learning tutorial)."""
     model.requires_grad_(False)
     net = model.net if isinstance(model, FlipAveraged) else model
-    net.get_submodule(HEADS[name]).requires_grad_(True)
+    net.get_submodule(MODELS[name].head).requires_grad_(True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages.errors import PipelineError
+from stages.lib.errors import PipelineError
 
 PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "val", "test")

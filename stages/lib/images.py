@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.errors import PipelineError
+from stages.lib.errors import PipelineError, one_line
 
 MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs) before decoding them
 
@@ -36,11 +36,11 @@ def load_image(path: Path, channels: int, size: list[int], invert: bool = False,
     except UnidentifiedImageError:
         raise PipelineError(f"{path}: not a readable image (unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise PipelineError(f"{path}: damaged image ({' '.join(str(exc).split())})") from None
+        raise PipelineError(f"{path}: damaged image ({one_line(exc)})") from None
     try:
         image = to_channels(image, channels)
     except ValueError as exc:  # e.g. LAB or CMYK-with-alpha TIFFs, which Pillow cannot convert
-        raise PipelineError(f"{path}: unsupported {image.mode} image ({exc})") from None
+        raise PipelineError(f"{path}: unsupported {image.mode} image ({one_line(exc)})") from None
     if invert:
         image = ImageOps.invert(image)
     if resize == "center_crop":

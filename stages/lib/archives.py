@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from stages.errors import PipelineError
+from stages.lib.errors import PipelineError, one_line
 
 
 class UnsafeArchive(PipelineError):
@@ -65,7 +65,7 @@ def extract(archive: Path, target: Path) -> Path:
         os.replace(staging, target)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise PipelineError(f"{archive} is damaged or truncated ({exc.__class__.__name__}: {exc})") from None
+        raise PipelineError(f"{archive} is damaged or truncated ({exc.__class__.__name__}: {one_line(exc)})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,0 +1,219 @@
+"""params.yaml: the single place every setting lives, typed, read and checked before any stage does work.
+
+`load_params()` reads the file as YAML 1.2, exactly as DVC reads it (`lr: 1e-3` is a float), and returns
+a `Params` object (`params.train.lr`). Every key is required; an unknown key (with a "did you mean"), a
+wrong type, an out-of-range number or an unknown name raises ParamsError with one line that says what
+is allowed. The data set and model names come from their registries.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.lib.datasets import DATASETS
+from stages.lib.errors import PipelineError, one_line
+from stages.lib.models import MODELS
+
+DatasetName = Literal[tuple(DATASETS)]
+ModelName = Literal[tuple(MODELS)]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ParamsError(PipelineError):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Data(Section):
+    dataset: DatasetName
+    mirrors: list[str]          # folders or http(s) base URLs with the raw files, tried first
+    source: str                 # imagefolder: a folder, a .zip/.tar.gz file, or an http(s) URL of one
+    md5: str                    # expected md5 of a one-file download ("" = the official one / not checked)
+    timeout_s: float = Field(gt=0)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _no_empty_entries(cls, value):
+        if not all(value):
+            raise ValueError("must be a list of folder paths or http(s) URLs, with no empty entries")
+        return value
+
+
+class Preprocess(Section):
+    val_size: int = Field(ge=1)
+    test_size: int = Field(ge=0)
+    pad_to: int = Field(ge=1)
+    image_size: int = Field(ge=8)
+    max_train: int = Field(ge=0)
+    max_test: int = Field(ge=0)
+
+
+class Model(Section):
+    name: ModelName
+    pretrained: bool
+    freeze_backbone: bool
+    tta_flip: bool
+
+
+class Train(Section):
+    device: str
+    nproc: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0)
+    nesterov: bool
+    weight_decay: float = Field(ge=0)
+    schedule: Literal["constant", "onecycle"]
+    warmup: float = Field(ge=0, lt=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    ema: float = Field(ge=0, lt=1)
+    precision: Literal["auto", "bf16", "fp32"]
+    log_every: int = Field(ge=1)
+    augment_crop: int = Field(ge=0)
+    augment_flip: bool
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value):
+        if value not in DEVICES and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"must be one of {', '.join(DEVICES)} or cuda:N; got {value!r}")
+        return value
+
+
+class Evaluate(Section):
+    batch_size: int = Field(ge=1)
+
+
+class Export(Section):
+    onnx_atol: float = Field(gt=0)
+    onnx_check_images: int = Field(ge=1)
+
+
+class Tracking(Section):
+    enabled: bool
+    uri: str
+    experiment: str = Field(min_length=1)
+    timeout_s: float = Field(gt=0)
+
+
+class Params(Section):
+    seed: int = Field(ge=0)
+    threads: int = Field(ge=0)
+    data: Data
+    preprocess: Preprocess
+    model: Model
+    train: Train
+    evaluate: Evaluate
+    export: Export
+    tracking: Tracking
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        """Rules that involve more than one key."""
+        if self.model.freeze_backbone and not self.model.pretrained:
+            raise ValueError("model.freeze_backbone: true needs model.pretrained: true (freezing random weights "
+                             "leaves only the last layer to learn)")
+        if self.train.nesterov and not self.train.momentum:
+            raise ValueError("train.nesterov: true needs train.momentum > 0 (Nesterov is a kind of momentum)")
+        if self.data.dataset == "imagefolder" and not self.data.source:
+            raise ValueError("data.dataset imagefolder needs data.source: a folder of class folders, "
+                             "a .zip/.tar.gz file, or an http(s) URL of one")
+        return self
+
+    def flat(self) -> dict:
+        """{'train.lr': 0.01, ...}: every value under its dotted key."""
+        return flatten(self.model_dump())
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys allowed at `loc` in params.yaml."""
+    model = Params
+    for key in loc:
+        model = model.model_fields[key].annotation
+    return list(model.model_fields)
+
+
+# pydantic error type -> this project's words; {key}, {got} (type and value) and the error's context fill them in
+MESSAGES = {
+    "missing": "missing key {key}",
+    "model_type": "{key} must be a mapping, got {type}",
+    "greater_than": "{key} must be > {gt:g}, got {value}",
+    "greater_than_equal": "{key} must be >= {ge:g}, got {value}",
+    "less_than": "{key} must be < {lt:g}, got {value}",
+    "int_type": "{key} must be an integer, {got}",
+    "float_type": "{key} must be a number, {got}",
+    "bool_type": "{key} must be true or false, {got}",
+    "string_type": "{key} must be a string, {got}",
+    "string_too_short": "{key} must be a non-empty string",
+    "list_type": "{key} must be a list of folder paths or http(s) URLs, {got}",
+}
+
+
+def _message(error: dict) -> str:
+    """One pydantic error as one line in this project's words."""
+    loc = tuple(str(part) for part in error["loc"])
+    key, kind, value, ctx = ".".join(loc), error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        return f"unknown key {key}" + (f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}")
+    if kind == "literal_error":
+        allowed = ", ".join(part.strip("'") for part in ctx["expected"].replace(" or ", ", ").split(", "))
+        return f"{key} must be one of {allowed}; got {value!r}"
+    if kind == "value_error":  # the validators' and combination rules' own messages
+        return f"{key} {ctx['error']}" if key else str(ctx["error"])
+    hint = ""
+    if kind == "float_type" and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value):
+        hint = " (a quoted number is text in YAML: remove the quotes)"
+    template = MESSAGES.get(kind, "{key}: " + error["msg"] + ", {got}")
+    return template.format(key=key or "params", type=type(value).__name__, value=value,
+                           got=f"got {type(value).__name__} {value!r}", **ctx) + hint
+
+
+def validate(raw) -> Params:
+    """Check a mapping read from params.yaml; ParamsError (one line) on the first problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # "did you mean" first
+        raise ParamsError(_message(first)) from None
+
+
+def read_yaml(path: str | os.PathLike):
+    """A YAML file as DVC reads it: YAML 1.2 (1e-3 is a number, yes/no are text)."""
+    from ruamel.yaml import YAML, YAMLError
+
+    path = Path(path)
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found (run the stages from the project root)") from None
+    except YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {one_line(exc)}") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    return validate(read_yaml(path))
+
+
+def flatten(params: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 0.01}} -> {'train.lr': 0.01}"""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
