@@ -2,6 +2,7 @@
 # make test  — the test suite (what CI runs)
 # make bench — the tutorial's loop vs the train stage vs the fast recipe (benchmarks/results/)
 # make fast-recipe — the fast recipe as a DVC experiment
+# make reproduce — rebuild everything from scratch and compare with the committed run
 # make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench fast-recipe setup data-mirror tensorboard ui mlflow-server clean-venv
+.PHONY: run test bench fast-recipe reproduce setup data-mirror tensorboard ui mlflow-server clean-venv
 
 run: setup
 	dvc repro
@@ -36,6 +37,14 @@ bench: setup
 # The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace.
 fast-recipe: setup
 	dvc exp run -f -n fast-recipe $$($(PY) benchmarks/bench.py --print-recipe)
+
+# Rebuild every stage from scratch and show what differs from the committed run (README: Reproducing a run).
+reproduce: setup
+	dvc repro --force
+	@echo
+	dvc metrics diff
+	@echo
+	git diff --stat -- dvc.lock
 
 setup: $(VENV)/.installed data-mirror
 
