@@ -18,7 +18,7 @@ from stages.lib.engine import evaluate, resolve_device, set_threads
 from stages.lib.errors import run
 from stages.lib.files import json_bytes, write_files
 from stages.lib.loader import BatchLoader
-from stages.lib.modelfile import ModelFile
+from stages.lib.modelfile import load_model
 from stages.lib.params import load_params
 from stages.lib.tracking import Tracker
 
@@ -75,8 +75,8 @@ def main(args) -> None:
     params = load_params()
     set_threads(params.threads)
     device = resolve_device("auto")
-    model_file = ModelFile.load(MODEL_PATH, device)
-    model = model_file.build(device).to(memory_format=torch.channels_last)
+    model, model_file = load_model(MODEL_PATH, device)
+    model = model.to(memory_format=torch.channels_last)
     images, labels = load_split("test", device=device)
     began = time.perf_counter()
     result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)))

@@ -15,8 +15,8 @@ import torch
 from stages.lib.data import load_split
 from stages.lib.engine import set_threads
 from stages.lib.errors import PipelineError, run
-from stages.lib.files import atomic_path, replaced_dir, torch_save, write_json, write_text
-from stages.lib.modelfile import ModelFile
+from stages.lib.files import atomic_path, json_bytes, replaced_dir, torch_bytes, write_files
+from stages.lib.modelfile import ModelFile, load_model
 from stages.lib.params import flatten, load_params
 from stages.lib.tracking import Tracker
 
@@ -106,23 +106,22 @@ def main(args) -> None:
     params = load_params()
     cfg = params.export
     set_threads(params.threads)
-    model_file = ModelFile.load(MODEL_PATH)
-    model = model_file.build()
+    model, model_file = load_model(MODEL_PATH)
     images, _ = load_split("test")
     check = model_file.normalizer()(images[: cfg.onnx_check_images]).contiguous()
     evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
     with replaced_dir(EXPORT_DIR) as staging:  # the old export stays whole unless every file is written and checked
-        torch_save(model_file.state_dict, staging / "state_dict.pt")
+        write_files({staging / "state_dict.pt": torch_bytes(model_file.state_dict)})
         onnx_path = staging / "model.onnx"
         export_onnx(model, check[:1], onnx_path, {"classes": model_file.classes, "input": model_file.input,
                                                   **model_file.normalization})
         diff = onnx_max_abs_diff(onnx_path, model, check)
         if diff > cfg.onnx_atol:
             raise PipelineError(f"ONNX output differs from PyTorch by {diff:.2e} > export.onnx_atol={cfg.onnx_atol}")
-        write_text(staging / "MODEL_CARD.md", model_card(model_file, evaluation, diff))
-        write_json(METRICS_PATH, {"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
-                                  "onnx_bytes": onnx_path.stat().st_size,
-                                  "state_dict_bytes": (staging / "state_dict.pt").stat().st_size})
+        write_files({staging / "MODEL_CARD.md": model_card(model_file, evaluation, diff).encode(),
+                     METRICS_PATH: json_bytes({"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
+                                               "onnx_bytes": onnx_path.stat().st_size,
+                                               "state_dict_bytes": (staging / "state_dict.pt").stat().st_size})})
     tracker = Tracker.resume(params.tracking)
     tracker.log_model(model, check[:4], model_file.classes)
     for path in (EXPORT_DIR / "MODEL_CARD.md", METRICS_PATH):

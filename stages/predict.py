@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from stages.lib.errors import PipelineError, run
-from stages.lib.modelfile import ModelFile
+from stages.lib.modelfile import ModelFile, load_model
 
 
 def predict(model, model_file: ModelFile, paths: list[Path], top: int = 3, invert: bool = False) -> list[dict]:
@@ -40,8 +40,8 @@ def add_arguments(parser) -> None:
 def main(args) -> None:
     if args.top < 1:
         raise PipelineError(f"--top must be at least 1, got {args.top}")
-    model_file = ModelFile.load(args.model)
-    results = predict(model_file.build(), model_file, args.images, args.top, args.invert)
+    model, model_file = load_model(args.model)
+    results = predict(model, model_file, args.images, args.top, args.invert)
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         print()

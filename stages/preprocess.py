@@ -15,7 +15,7 @@ import torch
 from stages.lib.data import PREPARED_DIR, pad_images
 from stages.lib.datasets import DATASETS, Raw
 from stages.lib.errors import PipelineError, run
-from stages.lib.files import replaced_dir, torch_save, write_json
+from stages.lib.files import json_bytes, replaced_dir, torch_bytes, write_files
 from stages.lib.params import load_params
 
 RAW_DIR = Path("data/raw")
@@ -92,9 +92,8 @@ def main(args) -> None:
     meta["dataset"] = dataset.name
     meta["skipped_files"] = {"count": len(raw.skipped), "first": raw.skipped[:20]}
     with replaced_dir(PREPARED_DIR) as staging:
-        for name, split in splits.items():
-            torch_save(split, staging / f"{name}.pt")
-        write_json(staging / "meta.json", meta)
+        write_files({**{staging / f"{name}.pt": torch_bytes(split) for name, split in splits.items()},
+                     staging / "meta.json": json_bytes(meta)})
     print(f"{PREPARED_DIR}: {meta['counts']} images of {meta['input_shape']}, mean {meta['mean']} std {meta['std']}"
           + (f"; skipped {len(raw.skipped)} unreadable files (listed in meta.json)" if raw.skipped else ""))
 

@@ -29,6 +29,8 @@ def test_committed_params_are_valid():
     ({"data": {"dataset": "imagenet"}}, "data.dataset must be one of fashion_mnist, mnist, cifar10, imagefolder; got 'imagenet'"),
     ({"model": {"name": "vgg99"}}, "model.name must be one of cifar10_quick, fast_cnn, vgg16, resnet18; got 'vgg99'"),
     ({"data": {"mirrors": "/tmp"}}, "data.mirrors must be a list"),
+    ({"data": {"mirrors": ["/tmp", ""]}}, "data.mirrors.1 must be a non-empty string"),
+    ({"train": {"device": "cuda:x"}}, "train.device must be one of auto, cpu, cuda or cuda:N; got 'cuda:x'"),
     ({"preprocess": {"val_size": -1}}, "preprocess.val_size must be >= 1"),
 ])
 def test_bad_values_are_named_with_what_is_allowed(overrides, message):

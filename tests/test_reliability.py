@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, clean_env, run_stage, write_params
 from stages.lib.modelfile import read_torch_file
 from stages.lib.errors import PipelineError
-from stages.lib.files import atomic_path, replaced_dir, write_files, write_json
+from stages.lib.files import atomic_path, json_bytes, replaced_dir, write_files
 
 # 500 training images in batches of 64: 8 SGD steps per epoch, so step 12 is in the middle of epoch 2.
 THREE_EPOCHS = {"train": {"epochs": 3}}
@@ -129,7 +129,7 @@ def test_unwritable_output_is_one_clear_line(trained_project, tmp_path):
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "out.json"
-    write_json(path, {"old": True})
+    write_files({path: json_bytes({"old": True})})
     with pytest.raises(RuntimeError):
         with atomic_path(path) as tmp:
             tmp.write_text('{"half')
@@ -137,7 +137,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert json.loads(path.read_text()) == {"old": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
     with pytest.raises(PipelineError, match="cannot write"):
-        write_json(path / "below-a-file.json", {})
+        write_files({path / "below-a-file.json": b"{}"})
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

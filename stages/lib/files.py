@@ -83,20 +83,8 @@ def write_files(contents: dict) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_bytes(path, data: bytes) -> None:
-    write_files({path: data})
-
-
-def write_text(path, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
 def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-
-
-def write_json(path, obj) -> None:
-    write_bytes(path, json_bytes(obj))
 
 
 def torch_bytes(obj) -> bytes:
@@ -107,10 +95,6 @@ def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def torch_save(obj, path) -> None:
-    write_bytes(path, torch_bytes(obj))
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -63,12 +63,12 @@ class ModelFile:
     classes: list[str]    # output i is classes[i]
     normalization: dict   # {"mean": [...], "std": [...]} per channel, on the 0..1 scale
     input: dict           # {"channels", "size": the data set's H×W, "pad_to": the net's H×W, "resize"}
-    params: dict          # params.yaml as trained
-    dataset: str
-    val_metrics: dict     # the last epoch's validation row
+    params: dict = field(default_factory=dict)       # params.yaml as trained
+    dataset: str = ""
+    val_metrics: dict = field(default_factory=dict)  # the last epoch's validation row
 
     def to_bytes(self) -> bytes:
-        content = {field.name: getattr(self, field.name) for field in fields(self)}
+        content = {f.name: getattr(self, f.name) for f in fields(self)}
         return torch_bytes({"format": FORMAT, "model": content.pop("config"), **content})
 
     @classmethod
@@ -78,11 +78,9 @@ class ModelFile:
         if missing:
             raise PipelineError(f"{path} lacks {', '.join(missing)}: use the finished model "
                                 "(models/model.pt), not a training checkpoint")
-        return cls(config=content["model"], epoch=content["epoch"], state_dict=content["state_dict"],
-                   classes=content["classes"], normalization=content["normalization"],
-                   input={"resize": "stretch", **content["input"]},  # files from before image folders lack it
-                   params=content.get("params", {}), dataset=content.get("dataset", ""),
-                   val_metrics=content.get("val_metrics", {}))
+        content["config"] = content["model"]
+        content["input"] = {"resize": "stretch", **content["input"]}  # files from before image folders lack it
+        return cls(**{f.name: content[f.name] for f in fields(cls) if f.name in content})
 
     def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         """The trained net, in eval mode, on `device`."""

@@ -86,15 +86,15 @@ class FlipAveraged(nn.Module):
         return (self.net(x) + self.net(x.flip(3))) / 2
 
 
-def tudui(config: dict, imagenet: dict | None) -> Tudui:
+def tudui(config: dict, pretrained: bool) -> Tudui:
     return Tudui(config["in_channels"], tuple(config["input_size"]), config["num_classes"])
 
 
-def fast_cnn(config: dict, imagenet: dict | None) -> FastCNN:
+def fast_cnn(config: dict, pretrained: bool) -> FastCNN:
     return FastCNN(config["in_channels"], config["num_classes"], config["widths"], config["convs"])
 
 
-def vgg16(config: dict, imagenet: dict | None) -> nn.Module:
+def vgg16(config: dict, pretrained: bool) -> nn.Module:
     """torchvision's VGG16 with `classifier[6] = nn.Linear(4096, num_classes)`, as the tutorial does.
 
     Inputs from 32×32 up work unchanged: the five 2×2 max-pools leave a 1×1 map at 32 px, which
@@ -103,13 +103,13 @@ def vgg16(config: dict, imagenet: dict | None) -> nn.Module:
     """
     import torchvision  # 2-3 s to import: only the nets that need it pay for it
 
-    net = load_imagenet(torchvision.models.vgg16(), imagenet)
-    net.features[0] = fit_channels(net.features[0], config["in_channels"], imagenet is not None)
+    net = load_imagenet(torchvision.models.vgg16(), "vgg16") if pretrained else torchvision.models.vgg16()
+    net.features[0] = fit_channels(net.features[0], config["in_channels"], pretrained)
     net.classifier[6] = nn.Linear(4096, config["num_classes"])
     return net
 
 
-def resnet18(config: dict, imagenet: dict | None) -> nn.Module:
+def resnet18(config: dict, pretrained: bool) -> nn.Module:
     """torchvision's ResNet18 with `fc` replaced for the class count.
 
     With `small_input_stem` (inputs under 64 px, such as 32×32 CIFAR-10 and padded MNIST) the stem is
@@ -120,20 +120,20 @@ def resnet18(config: dict, imagenet: dict | None) -> nn.Module:
     """
     import torchvision
 
-    net = load_imagenet(torchvision.models.resnet18(), imagenet)
+    net = load_imagenet(torchvision.models.resnet18(), "resnet18") if pretrained else torchvision.models.resnet18()
     if config["small_input_stem"]:
         net.conv1 = nn.Conv2d(config["in_channels"], 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
         net.maxpool = nn.Identity()
     else:
-        net.conv1 = fit_channels(net.conv1, config["in_channels"], imagenet is not None)
+        net.conv1 = fit_channels(net.conv1, config["in_channels"], pretrained)
     net.fc = nn.Linear(net.fc.in_features, config["num_classes"])
     return net
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    build: Callable[[dict, dict | None], nn.Module]  # (config, ImageNet state_dict or None) -> the net
+    build: Callable[[dict, bool], nn.Module]  # (config, pretrained) -> the net, its head fitted to the classes
     head: str                   # its replaced last layer: the only one trained with model.freeze_backbone
     min_size: int = 1           # input policy: smallest height and width it accepts ...
     multiple_of: int = 1        # ... and what they must be multiples of
@@ -185,22 +185,18 @@ def imagenet_weights_path(name: str) -> Path:
     return path
 
 
-def read_imagenet_weights(name: str) -> dict:
+def load_imagenet(net: nn.Module, name: str) -> nn.Module:
+    """`net` with `name`'s ImageNet weights from the torch hub cache."""
     path = imagenet_weights_path(name)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated download makes torch.load raise almost anything
         raise PipelineError(f"{path} is not a readable PyTorch file ({exc.__class__.__name__}); "
                             "delete it and fetch it again") from None
-
-
-def load_imagenet(net: nn.Module, imagenet: dict | None) -> nn.Module:
-    if imagenet is not None:
-        try:
-            net.load_state_dict(imagenet)
-        except RuntimeError as exc:
-            raise PipelineError(f"the ImageNet weights file does not fit {net.__class__.__name__} "
-                                f"({one_line(exc)})") from None
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise PipelineError(f"{path} does not fit {net.__class__.__name__} ({one_line(exc)})") from None
     return net
 
 
@@ -227,8 +223,9 @@ def build_model(config: dict, pretrained: bool = False) -> nn.Module:
     from the ImageNet weights in the torch hub cache (PipelineError when they are not there)."""
     if config["name"] not in MODELS:
         raise PipelineError(f"unknown model {config['name']!r}; allowed: {', '.join(MODELS)}")
-    imagenet = read_imagenet_weights(config["name"]) if pretrained else None
-    net = MODELS[config["name"]].build(config, imagenet)
+    if pretrained:
+        imagenet_weights_path(config["name"])  # a model without ImageNet weights, or none in the cache: one line
+    net = MODELS[config["name"]].build(config, pretrained)
     return FlipAveraged(net) if config.get("tta_flip") else net
 
 

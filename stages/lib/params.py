@@ -11,9 +11,9 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.lib.datasets import DATASETS
 from stages.lib.errors import PipelineError, one_line
@@ -21,7 +21,6 @@ from stages.lib.models import MODELS
 
 DatasetName = Literal[tuple(DATASETS)]
 ModelName = Literal[tuple(MODELS)]
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class ParamsError(PipelineError):
@@ -34,17 +33,10 @@ class Section(BaseModel):
 
 class Data(Section):
     dataset: DatasetName
-    mirrors: list[str]          # folders or http(s) base URLs with the raw files, tried first
-    source: str                 # imagefolder: a folder, a .zip/.tar.gz file, or an http(s) URL of one
-    md5: str                    # expected md5 of a one-file download ("" = the official one / not checked)
+    mirrors: list[Annotated[str, Field(min_length=1)]]
+    source: str
+    md5: str
     timeout_s: float = Field(gt=0)
-
-    @field_validator("mirrors")
-    @classmethod
-    def _no_empty_entries(cls, value):
-        if not all(value):
-            raise ValueError("must be a list of folder paths or http(s) URLs, with no empty entries")
-        return value
 
 
 class Preprocess(Section):
@@ -64,7 +56,7 @@ class Model(Section):
 
 
 class Train(Section):
-    device: str
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     nproc: int = Field(ge=1)
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -80,13 +72,6 @@ class Train(Section):
     log_every: int = Field(ge=1)
     augment_crop: int = Field(ge=0)
     augment_flip: bool
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value):
-        if value not in DEVICES and not (value.startswith("cuda:") and value[5:].isdigit()):
-            raise ValueError(f"must be one of {', '.join(DEVICES)} or cuda:N; got {value!r}")
-        return value
 
 
 class Evaluate(Section):
@@ -154,6 +139,7 @@ MESSAGES = {
     "bool_type": "{key} must be true or false, {got}",
     "string_type": "{key} must be a string, {got}",
     "string_too_short": "{key} must be a non-empty string",
+    "string_pattern_mismatch": "{key} must be one of auto, cpu, cuda or cuda:N; got {value!r}",  # train.device
     "list_type": "{key} must be a list of folder paths or http(s) URLs, {got}",
 }
 
