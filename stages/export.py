@@ -1,9 +1,12 @@
 """Stage 5 — export: the trained model in forms other programs can load, each one checked.
 
 Writes models/export/state_dict.pt (the tutorial's "method 2": weights only, loadable with
-`torch.load(weights_only=True)`), models/export/model.onnx (verified against PyTorch with
-onnxruntime on real test images), models/export/MODEL_CARD.md and metrics/export.json; logs the model
-to the training's MLflow run as an MLflow PyTorch model with signature and input example.
+`torch.load(weights_only=True)`), models/export/model.onnx (images as the data set stores them in,
+uint8 N×C×H×W at its native size; padding, normalization and flip TTA inside the graph; `logits` and
+`probabilities` out; checked with onnxruntime against PyTorch on real test images), models/export/
+MODEL_CARD.md and metrics/export.json. Then, when tracking is on, logs the served model (a pyfunc over
+image files running model.onnx, stages/lib/serving.py) to the training's MLflow run and registers it as
+a new version of tracking.registered_model.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from stages.lib.errors import PipelineError, run
 from stages.lib.files import atomic_path, json_bytes, replaced_dir, torch_bytes, write_files
 from stages.lib.modelfile import ModelFile, load_model
 from stages.lib.params import flatten, load_params
+from stages.lib.preprocessing import unpad
 from stages.lib.tracking import Tracker
 
 MODEL_PATH, EXPORT_DIR = Path("models/model.pt"), Path("models/export")
@@ -30,7 +34,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metad
     with atomic_path(path) as tmp:
         batch = torch.export.Dim("batch", min=1)
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"],
-                                    output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+                                    output_names=["logits", "probabilities"], dynamic_shapes=({0: batch},),
+                                    verbose=False)
         program.save(str(tmp))
         proto = onnx.load(str(tmp))
         strip_debug_info(proto)
@@ -51,25 +56,29 @@ def strip_debug_info(proto) -> None:
         del value.metadata_props[:]
 
 
-def onnx_max_abs_diff(path: Path, model: torch.nn.Module, images: torch.Tensor) -> float:
+def onnx_max_abs_diff(path: Path, images: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Max |ONNX − PyTorch| of the logits and of the probabilities, ONNX Runtime given the raw uint8
+    `images` and PyTorch's `logits` computed the way evaluate computes them."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"image": images.numpy()})
-    with torch.inference_mode():
-        expected = model(images)
-    return float((torch.from_numpy(got) - expected).abs().max())
+    got_logits, got_probabilities = session.run(["logits", "probabilities"], {"image": images.numpy()})
+    return (float((torch.from_numpy(got_logits) - logits).abs().max()),
+            float((torch.from_numpy(got_probabilities) - logits.softmax(1)).abs().max()))
 
 
-def model_card(ckpt: ModelFile, evaluation: dict, onnx_diff: float) -> str:
+def model_card(ckpt: ModelFile, evaluation: dict, diffs: tuple[float, float]) -> str:
     c, (h, w), (ph, pw) = ckpt.input["channels"], ckpt.input["size"], ckpt.input["pad_to"]
     resize = {"center_crop": "shorter side resized, then center-cropped",
               "stretch": "the whole picture resized"}[ckpt.input["resize"]]
-    dark = ""
+    kind = "grayscale" if c == 1 else "RGB"
+    dark, invert = "", ""
     if ckpt.dataset in ("fashion_mnist", "mnist"):
         dark = (f"\n\n{ckpt.dataset} shows a light object on a black background: invert dark-on-light "
-                "photos first (`python -m stages.predict --invert`).")
-    pad = f" zero-padded to {ph}×{pw}" if (ph, pw) != (h, w) else ""
+                "photos first (`python -m stages.predict --invert`; the served model's param `invert`).")
+        invert = ', "invert": false'
+    pad = f", zero-pads it to {ph}×{pw}" if (ph, pw) != (h, w) else ""
+    tta = " and averages each image's logits with its mirror's (flip TTA)" if ckpt.config.get("tta_flip") else ""
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt.params).items())
     per_class = "\n".join(f"| {name} | {acc} |" for name, acc in evaluation.get("per_class_accuracy", {}).items())
     return f"""# Model card: {ckpt.config['name']} on {ckpt.dataset}
@@ -78,16 +87,39 @@ def model_card(ckpt: ModelFile, evaluation: dict, onnx_diff: float) -> str:
 - Trained for {ckpt.epoch} epochs; validation accuracy {ckpt.val_metrics['val_accuracy']:.4f}
 - Test accuracy {evaluation.get('test_accuracy')} on {evaluation.get('test_images')} images; test loss {evaluation.get('test_loss')}
 
-## Input format
-float32 tensor N×{c}×{ph}×{pw}: a {h}×{w} {'grayscale' if c == 1 else 'RGB'} image ({resize}){pad}, scaled
-to 0..1, then normalized per channel with mean {ckpt.normalization['mean']} and std
-{ckpt.normalization['std']}. Output: {len(ckpt.classes)} logits.{dark}
+## Input: images as the data set stores them
+`model.onnx` takes `image`: uint8 N×{c}×{h}×{w} ({kind}, pixel values 0..255, any batch size N). Any
+image file becomes that with `python -m stages.predict`'s decoding (stages/lib/imagefile.py: converted to
+{kind} with transparency on black, {resize} to {h}×{w}). The graph itself{pad}, scales to 0..1 and normalizes
+per channel with mean {ckpt.normalization['mean']} and std {ckpt.normalization['std']}{tta}.{dark}
+
+## Outputs
+- `logits`: float32 N×{len(ckpt.classes)}
+- `probabilities`: float32 N×{len(ckpt.classes)}, their softmax; column i is class i of the metadata prop `classes`
+
+Max |ONNX − PyTorch| on test images, ONNX Runtime given the raw pixels and PyTorch the prepared tensors as
+evaluate measured them: {diffs[0]:.2e} (logits), {diffs[1]:.2e} (probabilities).
+
+## Serving it
+Each export with tracking on logs an MLflow model (a pyfunc over image files running `model.onnx`) to the
+training's MLflow run and registers it as a new version of `tracking.registered_model`. `make serve`
+serves the newest version on http://127.0.0.1:5002 (`SERVE_PORT`; `MODEL_URI` picks another model).
+Call it with base64-encoded image files, any format and size, in a column `image`:
+
+```bash
+curl -s http://127.0.0.1:5002/invocations -H 'Content-Type: application/json' \\
+  -d '{{"dataframe_split": {{"columns": ["image"], "data": [["'"$(base64 -w0 IMAGE.png)"'"]]}}, "params": {{"top_k": 3{invert}}}}}'
+```
+
+Answer, one row per image: `{{"predictions": [{{"class": ..., "probability": ..., "top": [{{"class": ..., "probability": ...}}, ...]}}]}}`.
+A bad image (not base64, not an image, too large to decode safely) or an empty list gets HTTP 400 with a
+one-line `message`.
 
 ## Files
+- `model.onnx`: the model above; metadata props hold `classes`, `mean`, `std`, `input`.
 - `state_dict.pt`: `stages.lib.models.build_model({ckpt.config})` then
-  `load_state_dict(torch.load("state_dict.pt", weights_only=True))`
-- `model.onnx`: input `image`, output `logits`, dynamic batch; max |ONNX − PyTorch| on test images: {onnx_diff:.2e}.
-  Metadata props hold `classes`, `mean`, `std`, `input`.
+  `load_state_dict(torch.load("state_dict.pt", weights_only=True))`; that net takes the normalized,
+  padded float32 N×{c}×{ph}×{pw} input.
 - `../model.pt`: the full checkpoint; `python -m stages.predict IMAGE...` uses it.
 
 ## Per-class test accuracy
@@ -107,27 +139,32 @@ def main(args) -> None:
     cfg = params.export
     set_threads(params.threads)
     model, model_file = load_model(MODEL_PATH)
-    images, _ = load_split("test")
-    check = model_file.normalizer()(images[: cfg.onnx_check_images]).contiguous()
+    prepared, _ = load_split("test")
+    prepared = prepared[: cfg.onnx_check_images]
+    raw = unpad(prepared, model_file.input["size"])  # the data set's own pixels, as model.onnx takes them
+    with torch.inference_mode():
+        logits = model(model_file.normalizer()(prepared))  # as evaluate computes them
     evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
     with replaced_dir(EXPORT_DIR) as staging:  # the old export stays whole unless every file is written and checked
         write_files({staging / "state_dict.pt": torch_bytes(model_file.state_dict)})
         onnx_path = staging / "model.onnx"
-        export_onnx(model, check[:1], onnx_path, {"classes": model_file.classes, "input": model_file.input,
-                                                  **model_file.normalization})
-        diff = onnx_max_abs_diff(onnx_path, model, check)
-        if diff > cfg.onnx_atol:
-            raise PipelineError(f"ONNX output differs from PyTorch by {diff:.2e} > export.onnx_atol={cfg.onnx_atol}")
-        write_files({staging / "MODEL_CARD.md": model_card(model_file, evaluation, diff).encode(),
-                     METRICS_PATH: json_bytes({"onnx_max_abs_diff": float(f"{diff:.3g}"), "onnx_check_images": len(check),
+        export_onnx(model_file.raw_net(model), raw[:1], onnx_path,
+                    {"classes": model_file.classes, "input": model_file.input, **model_file.normalization})
+        diffs = onnx_max_abs_diff(onnx_path, raw, logits)
+        if max(diffs) > cfg.onnx_atol:
+            raise PipelineError(f"ONNX output differs from PyTorch by {max(diffs):.2e} > export.onnx_atol={cfg.onnx_atol}")
+        write_files({staging / "MODEL_CARD.md": model_card(model_file, evaluation, diffs).encode(),
+                     METRICS_PATH: json_bytes({"onnx_max_abs_diff": float(f"{diffs[0]:.3g}"),
+                                               "onnx_probabilities_max_abs_diff": float(f"{diffs[1]:.3g}"),
+                                               "onnx_check_images": len(raw),
                                                "onnx_bytes": onnx_path.stat().st_size,
                                                "state_dict_bytes": (staging / "state_dict.pt").stat().st_size})})
+    print(f"wrote {EXPORT_DIR}/state_dict.pt, model.onnx (uint8 {list(raw.shape[1:])} in; max abs diff "
+          f"{diffs[0]:.2e} on {len(raw)} test images), MODEL_CARD.md", flush=True)
     tracker = Tracker.resume(params.tracking)
-    tracker.log_model(model, check[:4], model_file.classes)
+    tracker.log_model(EXPORT_DIR / "model.onnx", model_file, raw[0], evaluation.get("test_accuracy"))
     for path in (EXPORT_DIR / "MODEL_CARD.md", METRICS_PATH):
         tracker.log_artifact(path, "export")
-    print(f"wrote {EXPORT_DIR}/state_dict.pt, model.onnx (max abs diff {diff:.2e} on {len(check)} images), "
-          f"MODEL_CARD.md")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from stages.lib.errors import PipelineError
 from stages.lib.images import load_image
 from stages.lib.modelfile import FORMAT, ModelFile, load_model, read_torch_file
 from stages.lib.images import MAX_PIXELS
+from stages.lib.imagefile import decode_image
 
 N_PARITY = 20
 
@@ -90,6 +91,8 @@ def test_predict_matches_the_model_on_the_prepared_tensors(loaded, test_images, 
     # the check below is only informative if the model does not answer the same for every image
     assert (expected - expected[0]).abs().max() > 1e-3
 
+    # the one preprocessing: image files -> exactly the tensors training fed the net
+    assert torch.equal(ckpt.prepare(ckpt.read_images(pictures)), normalize(padded))
     results = P.predict(model, ckpt, pictures, top=len(ckpt.classes))
     assert [r["image"] for r in results] == [str(p) for p in pictures]
     for result, probs in zip(results, expected):
@@ -140,6 +143,8 @@ def test_lossless_formats_give_the_same_input_and_answer_as_grayscale_png(name, 
         paths.append(path)
         assert torch.equal(load_image(path, *model_input(ckpt)), load_image(pictures[i], *model_input(ckpt)))
         assert torch.equal(load_image(path, *model_input(ckpt))[0], torch.from_numpy(test_images[1][i]))
+        # the served model decodes the same bytes with the same code
+        assert np.array_equal(decode_image(io.BytesIO(path.read_bytes()), *model_input(ckpt)), test_images[1][i][None])
     results = P.predict(model, ckpt, paths, top=1)
     assert [top1(r) for r in results] == [top1(r) for r in P.predict(model, ckpt, pictures[:3], top=1)]
 

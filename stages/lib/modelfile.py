@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 
-from stages.lib.data import pad_images
 from stages.lib.errors import PipelineError, one_line
 from stages.lib.files import torch_bytes
 from stages.lib.loader import make_normalizer
@@ -97,16 +96,31 @@ class ModelFile:
 
     def read_images(self, paths: list[Path], invert: bool = False) -> torch.Tensor:
         """Image files (any format and mode Pillow reads) -> uint8 N×C×H×W as the data set stores its
-        images: converted to its channels and fitted to its size the way preprocess fitted them."""
+        images: converted to its channels and fitted to its size the way preprocess fitted them
+        (imagefile.decode_image, the code the served model runs too)."""
         from stages.lib.images import load_image
 
         spec = self.input
         return torch.stack([load_image(p, spec["channels"], spec["size"], invert, spec["resize"]) for p in paths])
 
+    def preprocessor(self) -> torch.nn.Module:
+        """uint8 N×C×H×W at the data set's size -> the net's input (preprocessing.Preprocess): zero-padded
+        like the training data, scaled and normalized; the same module runs inside model.onnx."""
+        from stages.lib.preprocessing import Preprocess
+
+        return Preprocess(self.input["size"], self.input["pad_to"], self.normalization["mean"],
+                          self.normalization["std"])
+
     def prepare(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """uint8 images at the data set's size -> the net's input: zero-padded like the training data,
-        scaled and normalized."""
-        return self.normalizer(device)(pad_images(images, self.input["pad_to"][0]))
+        """uint8 images at the data set's size -> the net's input (see `preprocessor`)."""
+        return self.preprocessor().to(device)(images.to(device))
+
+    def raw_net(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` (the built net) on uint8 images at the data set's size -> (logits, probabilities), in
+        eval mode: what export writes to model.onnx."""
+        from stages.lib.preprocessing import RawImageNet
+
+        return RawImageNet(self.preprocessor().to(next(model.parameters()).device), model).eval()
 
 
 def load_model(path: str | Path = "models/model.pt", device: torch.device | str = "cpu"):
