@@ -4,6 +4,7 @@
 # make fast-recipe — the fast recipe as a DVC experiment
 # make reproduce — rebuild everything from scratch and compare with the committed run
 # make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
+# make serve — the newest registered version of the model over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
@@ -12,9 +13,11 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UI_PORT ?= 5000
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
+SERVE_PORT ?= 5002
+MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench fast-recipe reproduce setup data-mirror tensorboard ui mlflow-server clean-venv
+.PHONY: run test bench fast-recipe reproduce setup data-mirror tensorboard ui mlflow-server serve clean-venv
 
 run: setup
 	dvc repro
@@ -73,6 +76,11 @@ ui: setup
 # mlserver/artifacts. Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT.
 mlflow-server: setup
 	$(PY) scripts/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
+
+# The classifier over HTTP: `mlflow models serve --env-manager local` (offline) of tracking.registered_model's
+# newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion). README: Serving the model.
+serve: setup
+	$(PY) -m stages.serve --port $(SERVE_PORT)$(if $(MODEL_URI), --model-uri '$(MODEL_URI)')
 
 clean-venv:
 	rm -rf $(VENV)

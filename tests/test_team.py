@@ -120,7 +120,7 @@ def test_mlflow_server_on_postgresql(postgresql, server_dir, trained_project, tm
             served = response.read()
         assert served == (project / "metrics/eval.json").read_bytes()
         assert (server_dir / "artifacts" / location / "metrics/eval.json").read_bytes() == served
-        assert list((server_dir / "artifacts").rglob("MLmodel")), "the logged PyTorch model is missing"
+        assert list((server_dir / "artifacts").rglob("MLmodel")), "the logged model is missing"
 
         # The run is in PostgreSQL, reached over the cluster's socket.
         import psycopg

@@ -56,14 +56,23 @@ def test_stages_log_one_run(trained_project, tmp_path, monkeypatch):
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.artifact_location == (folder / "mlartifacts" / "tudui-pipeline").as_uri()
 
-    import mlflow.pytorch
-    import torch
+    import base64
+    import io
+
+    import mlflow.pyfunc
+    import pandas as pd
+    from PIL import Image
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")  # resolves models:/ URIs
     (logged,) = client.search_logged_models([run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id
-    model = mlflow.pytorch.load_model(logged.model_uri)
-    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    model = mlflow.pyfunc.load_model(logged.model_uri)  # the served model: image files in (tests/test_serving.py)
+    png = io.BytesIO()
+    Image.new("L", (28, 28)).save(png, format="PNG")
+    rows = model.predict(pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()] * 2}))
+    assert len(rows) == 2 and set(rows["class"]) <= set(eval_metrics["per_class_accuracy"])
+    (version,) = client.search_model_versions("name = 'tudui-classifier'")
+    assert version.run_id == run.info.run_id and version.tags["test_accuracy"] == str(eval_metrics["test_accuracy"])
 
 
 def test_unreachable_server_warns_and_the_stage_succeeds(prepared_project, tmp_path):
@@ -105,6 +114,16 @@ def test_dvc_experiments_become_named_mlflow_runs(exp_repo):
         assert run.data.metrics["test_accuracy"] == eval_metrics["test_accuracy"]
     listed = sh(exp_repo, "dvc", "exp", "list", "--name-only", stdout_only=True).split()
     assert {"lr-low", "lr-high"} <= set(listed)
+
+    # each export registered a version of the served model, tagged with what made it
+    versions = {v.tags["dvc_exp_name"]: v for v in client_for(exp_repo).search_model_versions("name = 'tudui-classifier'")}
+    commit = sh(exp_repo, "git", "rev-parse", "HEAD", stdout_only=True).strip()
+    for name, (lr, eval_metrics) in seen.items():
+        version, run = versions[name], runs[name]
+        assert version.run_id == run.info.run_id
+        assert version.tags["git_commit"] == commit
+        assert version.tags["prepared_data_md5"] == run.data.tags["prepared_data_md5"] != ""
+        assert version.tags["test_accuracy"] == str(eval_metrics["test_accuracy"])
 
 
 def metrics_files(repo: Path) -> dict:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.lib.datasets import DATASETS
 from stages.lib.errors import PipelineError, one_line
@@ -88,6 +88,14 @@ class Tracking(Section):
     uri: str
     experiment: str = Field(min_length=1)
     timeout_s: float = Field(gt=0)
+    registered_model: str
+
+    @field_validator("registered_model")
+    @classmethod
+    def _model_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):  # it goes into models:/<name>/<version> URIs
+            raise ValueError(f"must be letters, digits, '.', '_' or '-' (starting with a letter or digit), got {name!r}")
+        return name
 
 
 class Params(Section):

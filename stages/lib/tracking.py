@@ -72,6 +72,13 @@ def run_tags(device: str) -> dict:
     return tags
 
 
+def version_tags(test_accuracy: float | None) -> dict:
+    """What a registered model version is: the DVC experiment that made it ("workspace" for a plain
+    `dvc repro`), the code, the prepared data and its test accuracy."""
+    return {"dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace", "git_commit": _git("rev-parse", "HEAD"),
+            "prepared_data_md5": prepared_data_md5(), "test_accuracy": str(test_accuracy)}
+
+
 SQLITE_RETRIES = 8  # about 15 s of pauses in all
 
 
@@ -202,22 +209,31 @@ class Tracker:
             log = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             self._guard(log, self.run_id, str(path), artifact_path)
 
-    def log_model(self, model, example, classes: list[str]) -> None:
+    def log_model(self, model_path: Path, model_file, example, test_accuracy: float | None) -> None:
+        """The served model (stages/lib/serving.py: a pyfunc over image files running `model_path`, the
+        raw-image model.onnx) into this run, then registered as a new version of tracking.registered_model
+        with version_tags(). `example`: a real test image, uint8 C×H×W, for the input example."""
         if self.active:
-            self._guard(self._log_model, model, example, classes)
+            model_uri = self._guard(self._log_model, model_path, model_file, example)
+            if model_uri:  # guarded apart: a retried registration must not log the model twice
+                self._guard(self._register, model_uri, version_tags(test_accuracy))
 
-    def _log_model(self, model, example, classes):
+    def _log_model(self, model_path, model_file, example) -> str:
         import mlflow
-        import torch
-        from mlflow.models import infer_signature
 
-        with torch.inference_mode():
-            logits = model(example).numpy()
+        from stages.lib.serving import model_spec, png_bytes
+
         mlflow.set_tracking_uri(tracking_uri(self.cfg))
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example.numpy(), logits),
-                                     input_example=example.numpy(), metadata={"classes": classes},
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            info = mlflow.pyfunc.log_model(name="model", **model_spec(model_path, model_file.classes, model_file.input,
+                                                                      png_bytes(example)))
+        return info.model_uri
+
+    def _register(self, model_uri: str, tags: dict) -> None:
+        import mlflow
+
+        version = mlflow.register_model(model_uri, self.cfg.registered_model, tags=tags)
+        print(f"registered {version.name} version {version.version} (models:/{version.name}/{version.version})")
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
