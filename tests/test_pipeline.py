@@ -119,3 +119,26 @@ def test_a_failed_run_leaves_every_output_as_it_was(repo, corrupt_zip, tmp_path)
     finally:
         (repo / "params.yaml").write_text(committed)
     assert "Data and pipelines are up to date." in sh(repo, "dvc", "repro")
+
+
+@pytest.mark.slow
+def test_the_exported_model_is_a_dvc_artifact(repo, tmp_path):
+    """dvc.yaml declares models/export as the model artifact `tudui-classifier`: versioned and promoted with
+    GTO's git tags (`gto register`, `gto assign`), `dvc artifacts get` fetches it by version or by stage."""
+    import yaml
+
+    artifact = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]["tudui-classifier"]
+    assert artifact["path"] == "models/export" and artifact["type"] == "model"
+    assert artifact["desc"] and artifact["labels"]
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "a trained model")
+    sh(repo, "gto", "register", "tudui-classifier", "--version", "v1.0.0")
+    sh(repo, "gto", "assign", "tudui-classifier", "--version", "v1.0.0", "--stage", "prod")
+    for how in (("--rev", "v1.0.0"), ("--stage", "prod")):
+        dest = tmp_path / how[1]
+        sh(tmp_path, "dvc", "artifacts", "get", str(repo), "tudui-classifier", *how, "-o", str(dest))
+        got = sorted(p.name for p in dest.iterdir())
+        assert got == ["MODEL_CARD.md", "model.onnx", "state_dict.pt"], how
+        for name in got:
+            assert (dest / name).read_bytes() == (repo / "models/export" / name).read_bytes(), (how, name)
