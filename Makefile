@@ -1,6 +1,6 @@
 # make run   — set up .venv and the data mirror, then rebuild the whole pipeline with `dvc repro`
 # make test  — the test suite (what CI runs)
-# make bench — the tutorial's loop vs the train stage vs the fast recipe (benchmarks/results/)
+# make bench — the tutorial's loop vs the train stage vs the fast recipe, then the served model (benchmarks/results/)
 # make fast-recipe — the fast recipe as a DVC experiment
 # make reproduce — rebuild everything from scratch and compare with the committed run
 # make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
@@ -17,7 +17,7 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench fast-recipe reproduce setup data-mirror tensorboard ui mlflow-server serve clean-venv
+.PHONY: run test bench bench-serve fast-recipe reproduce setup data-mirror tensorboard ui mlflow-server serve clean-venv
 
 run: setup
 	dvc repro
@@ -36,6 +36,13 @@ test: setup
 bench: setup
 	dvc repro download
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(MAKE) bench-serve
+
+# The served model over HTTP, ONNX Runtime and PyTorch inside the pyfunc: latency of one image, throughput
+# of 256 a request (benchmarks/results/serving.md). Needs the trained model: runs the pipeline first.
+bench-serve: setup
+	dvc repro export
+	$(PY) benchmarks/serve_bench.py $(SERVE_BENCH_ARGS)
 
 # The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace.
 fast-recipe: setup

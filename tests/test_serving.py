@@ -180,6 +180,13 @@ def bomb() -> bytes:
     return buffer.getvalue()
 
 
+def readme_block(containing: str) -> str:
+    """The README's fenced code block that holds the line `containing`."""
+    blocks = (REPO / "README.md").read_text().split("```")[1::2]
+    (block,) = [b.split("\n", 1)[1] for b in blocks if containing in b]
+    return block
+
+
 def port_closed(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -227,6 +234,13 @@ def test_server_answers_like_predict_refuses_bad_payloads_and_stops_cleanly(serv
             "empty list": (images_payload(), "no images: the request holds an empty list"),
             "empty records": ({"dataframe_records": []}, "no images: the request holds an empty list"),
         }
+        # the README's curl, as a reader runs it from the repo root, on the image it names
+        curl = readme_block("curl -s http://127.0.0.1:5002/invocations").replace("5002", str(port))
+        out = subprocess.run(["bash", "-c", curl], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        check_same_answers(json.loads(out.stdout)["predictions"],
+                           P.predict(model, ckpt, [REPO / "examples/ankle-boot.png"], top=3))
+
         for what, (payload, reason) in bad.items():
             status, answer = post(base, payload)
             assert 400 <= status < 500, (what, status, answer)
@@ -273,3 +287,37 @@ def test_make_serve_runs_stages_serve_with_port_and_model_uri():
     assert f"-m stages.serve --port 5999 --model-uri 'models:/{NAME}@champion'" in out
     out = sh(REPO, "make", "-n", "serve", stdout_only=True)
     assert "-m stages.serve --port 5002" in out and "--model-uri" not in out
+
+
+@pytest.mark.slow
+def test_serving_benchmark_measures_both_runtimes_over_http(served, tmp_path):
+    """benchmarks/serve_bench.py (make bench-serve) on a tiny budget: both pyfunc runtimes really serve and
+    the report is complete. (The latency and throughput targets are measured, never asserted in tests.)"""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/serve_bench.py"), "--project", str(served),
+                             "--requests", "10", "--batches", "2", "--port", str(free_port()), "--out", str(tmp_path)],
+                            env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "serving.json").read_text())
+    assert report["batch"] == 256
+    assert [r["backend"] for r in report["results"]] == ["onnxruntime", "pytorch"]
+    for r in report["results"]:
+        for where in ("http", "in_process"):
+            assert 0 < r[where]["p50_ms"] <= r[where]["p99_ms"] and r[where]["images_per_s"] > 0
+        assert "Application shutdown complete" in (tmp_path / f"serve_{r['backend']}.log").read_text()
+    table = (tmp_path / "serving.md").read_text()
+    assert "| onnxruntime |" in table and "| pytorch |" in table
+
+
+def test_readme_onnxruntime_snippet_runs_without_the_project(served, loaded, tmp_path):
+    """The README's snippet: model.onnx and an image file, onnxruntime and Pillow, nothing else."""
+    (tmp_path / "models/export").mkdir(parents=True)
+    shutil.copy(served / "models/export/model.onnx", tmp_path / "models/export")
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    snippet = "import sys\nsys.modules['stages'] = None\n" + readme_block("onnxruntime.InferenceSession")
+    result = subprocess.run([sys.executable, "-I", "-c", snippet], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model, ckpt = loaded
+    [expected] = P.predict(model, ckpt, [REPO / "examples/ankle-boot.png"], top=1)
+    assert result.stdout.strip() == expected["top"][0]["class"]

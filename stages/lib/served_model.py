@@ -8,6 +8,10 @@ size and mode). Params: `top_k` (default 3) and `invert` (for dark-on-light phot
 sets such as Fashion-MNIST). Output, one row per image: `class`, `probability` and `top`, the top_k
 classes with their probabilities, as `python -m stages.predict --json` gives them.
 
+Model config (MLmodel; `SERVING_MODEL_CONFIG='{"threads": 2}'` overrides it when served): `classes`,
+`input` (channels, size, resize: how to decode), `threads` (CPU threads per request, default 1: measured
+faster than 2 on a busy 2-core machine, see benchmarks/serve_bench.py).
+
 A bad request (not base64, not an image, a decompression bomb, no images) fails as a whole with one line
 that names the image's row; served, that is an HTTP 400.
 """
@@ -61,17 +65,20 @@ class ImageClassifier(PythonModel):
         config = context.model_config
         self.classes, spec = config["classes"], config["input"]
         self.channels, self.size, self.resize = spec["channels"], spec["size"], spec["resize"]
+        threads = int(config.get("threads", 1))  # per request; uvicorn, the decoding and the next request get the rest
         path = context.artifacts["model"]
         if path.endswith(".onnx"):
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # no warnings on stderr for every session
+            options.intra_op_num_threads = threads
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             self.run = lambda images: session.run(["probabilities"], {"image": images})[0]
         else:  # a torch.export program (.pt2) of the same raw-image model
             import torch
 
+            torch.set_num_threads(threads)
             module = torch.export.load(path).module()
 
             def run(images):

@@ -66,13 +66,14 @@ def model_spec(model_path: Path, classes: list[str], input_spec: dict, example: 
     # `import imagefile` find this very module (the model itself gets the copy in code_paths).
     sys.modules.setdefault("imagefile", imagefile)
     return {"python_model": str(CODE), "code_paths": [str(IMAGE_CODE)], "artifacts": {"model": str(model_path)},
-            "model_config": {"classes": list(classes), "input": dict(input_spec)},
+            "model_config": {"classes": list(classes), "input": dict(input_spec), "threads": 1},
             "signature": signature(), "input_example": (pd.DataFrame({"image": [b64(example)]}), {"top_k": TOP_K}),
             "pip_requirements": requirements(model_path)}
 
 
 def save_program(raw_net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """The raw-image net as a torch.export program (.pt2) with a dynamic batch axis: the PyTorch
+    """The raw-image net as a torch.export program (.pt2) with a dynamic batch axis (`example`: 2 or more
+    images; with one, torch.export fixes the batch size at 1): the PyTorch
     variant of model.onnx, loadable with torch.export.load and no code from this repository."""
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(raw_net, (example,), dynamic_shapes=({0: batch},))

@@ -1,0 +1,198 @@
+"""Serving benchmark: the served model over HTTP, with ONNX Runtime and with PyTorch inside the pyfunc.
+
+    python benchmarks/serve_bench.py [--project .] [--requests 300] [--batches 20] [--out benchmarks/results]
+
+Needs the pipeline's outputs (`dvc repro export`): models/model.pt, models/export/model.onnx and the
+prepared test split, whose images are sent as PNG files, base64-encoded, the way a client would. Builds
+the served MLflow model twice (stages/lib/serving.py), once running model.onnx in ONNX Runtime (what export
+registers) and once a torch.export program of the same raw-image net in PyTorch, and serves each with
+`mlflow models serve --env-manager local` on 127.0.0.1, the command `make serve` runs. For each it measures
+
+- latency: `--requests` sequential requests of one image each (after 30 warm-up requests), client-side
+  wall time of the whole round trip over one keep-alive connection: p50 and p99;
+- throughput: `--batches` sequential requests of 256 images each: images per second;
+- the same two without HTTP (the pyfunc's predict called in this process), to show where the time goes.
+
+Writes serving.json and serving.md to --out and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+BATCH = 256
+TARGETS = {"p50_ms": 20.0, "images_per_s": 1000.0}  # issue 12, on this project's 2-core CPU
+
+
+def build_models(project: Path, folder: Path) -> tuple[dict, list[str]]:
+    """{backend: served MLflow model folder}, and BATCH test images as base64 PNG files."""
+    import mlflow.pyfunc
+
+    from stages.lib.data import load_split
+    from stages.lib.modelfile import load_model
+    from stages.lib.preprocessing import unpad
+    from stages.lib.serving import b64, model_spec, png_bytes, save_program
+
+    model, model_file = load_model(project / "models/model.pt")
+    prepared, _ = load_split("test", project / "data/prepared")
+    raw = unpad(prepared[:BATCH], model_file.input["size"])
+    images = [b64(png_bytes(image)) for image in raw]
+    save_program(model_file.raw_net(model), raw[:2], folder / "model.pt2")
+    models = {}
+    for backend, artifact in (("onnxruntime", project / "models/export/model.onnx"), ("pytorch", folder / "model.pt2")):
+        models[backend] = folder / backend
+        mlflow.pyfunc.save_model(str(models[backend]), **model_spec(artifact, model_file.classes, model_file.input,
+                                                                    png_bytes(raw[0])))
+    return models, images
+
+
+def payload(images: list[str]) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode()
+
+
+def request(connection: http.client.HTTPConnection, body: bytes) -> float:
+    """One POST /invocations; its round-trip seconds."""
+    began = time.perf_counter()
+    connection.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    data = response.read()
+    elapsed = time.perf_counter() - began
+    if response.status != 200:
+        raise SystemExit(f"HTTP {response.status}: {data[:300]!r}")
+    return elapsed
+
+
+def serve(folder: Path, port: int, log: Path) -> subprocess.Popen:
+    from stages.serve import command
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(command(str(folder), port), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return server
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited:\n{log.read_text()[-2000:]}")
+            time.sleep(0.5)
+    raise SystemExit(f"no /health after 300 s:\n{log.read_text()[-2000:]}")
+
+
+def measure(send, images: list[str], requests: int, batches: int) -> dict:
+    """send(list of base64 images) -> seconds; the latency and throughput numbers."""
+    singles = [[image] for image in images]
+    for i in range(30):
+        send(singles[i % len(singles)])
+    latency = np.array([send(singles[i % len(singles)]) for i in range(requests)]) * 1000
+    send(images)
+    seconds = sum(send(images) for _ in range(batches))
+    return {"p50_ms": round(float(np.percentile(latency, 50)), 2), "p99_ms": round(float(np.percentile(latency, 99)), 2),
+            "images_per_s": round(batches * len(images) / seconds, 0)}
+
+
+def bench_backend(backend: str, folder: Path, images: list[str], args) -> dict:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(str(folder))
+
+    def in_process(batch):
+        frame = pd.DataFrame({"image": batch})
+        began = time.perf_counter()
+        model.predict(frame)
+        return time.perf_counter() - began
+
+    local = measure(in_process, images, args.requests, args.batches)
+    del model
+    port = args.port
+    log = args.out / f"serve_{backend}.log"
+    server = serve(folder, port, log)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        bodies = {}
+
+        def over_http(batch):
+            key = batch[0] if len(batch) == 1 else None
+            body = bodies.get(key) or payload(batch)
+            bodies[key] = body
+            return request(connection, body)
+
+        remote = measure(over_http, images, args.requests, args.batches)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=120)
+    return {"backend": backend, "http": remote, "in_process": local}
+
+
+def markdown(results: list[dict], machine: str, load: str) -> str:
+    lines = [f"Machine: {machine}", f"Load average (1 min) before/after: {load}", "",
+             f"| pyfunc runtime | HTTP p50 ms (1 image) | HTTP p99 ms | HTTP images/s ({BATCH} a request) | "
+             f"in-process p50 ms | in-process images/s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        h, p = r["http"], r["in_process"]
+        lines.append(f"| {r['backend']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['images_per_s']:,.0f} | "
+                     f"{p['p50_ms']:.1f} | {p['images_per_s']:,.0f} |")
+    lines += ["", f"Targets: p50 ≤ {TARGETS['p50_ms']:.0f} ms for one image, ≥ {TARGETS['images_per_s']:,.0f} images/s "
+              f"over HTTP in batches of {BATCH}.", ""]
+    for r in results:
+        h = r["http"]
+        ok = h["p50_ms"] <= TARGETS["p50_ms"] and h["images_per_s"] >= TARGETS["images_per_s"]
+        lines.append(f"- {r['backend']}: p50 {h['p50_ms']:.1f} ms, {h['images_per_s']:,.0f} images/s: "
+                     f"{'meets both targets' if ok else 'misses a target'}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", type=Path, default=ROOT, help="where models/ and data/prepared/ are")
+    parser.add_argument("--requests", type=int, default=300, help="single-image requests timed")
+    parser.add_argument("--batches", type=int, default=20, help=f"requests of {BATCH} images timed")
+    parser.add_argument("--backends", default="onnxruntime,pytorch")
+    parser.add_argument("--port", type=int, default=5012)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    args = parser.parse_args()
+    if not all((args.project / p).exists() for p in ("models/model.pt", "models/export/model.onnx", "data/prepared")):
+        sys.exit(f"{args.project}: models/model.pt, models/export/model.onnx or data/prepared not found; "
+                 "run `dvc repro export` first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        models, images = build_models(args.project, Path(tmp))
+        results = []
+        for backend in args.backends.split(","):
+            print(f"measuring {backend} ...", flush=True)
+            results.append(bench_backend(backend, models[backend], images, args))
+            print(f"  {results[-1]}", flush=True)
+    load = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}, "
+               f"{time.strftime('%Y-%m-%d')}")
+    (args.out / "serving.json").write_text(json.dumps({"machine": machine, "load_average": load, "batch": BATCH,
+                                                       "targets": TARGETS, "results": results}, indent=2) + "\n")
+    table = markdown(results, machine, load)
+    (args.out / "serving.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
