@@ -3,18 +3,21 @@
 # make bench — the tutorial's loop vs the train stage vs the fast recipe (benchmarks/results/)
 # make fast-recipe — the fast recipe as a DVC experiment
 # make reproduce — rebuild everything from scratch and compare with the committed run
+# make plots — dvc plots show, offline (dvc_plots/index.html)
+# make screenshots — pictures of the MLflow runs view and of the plots for the README (needs chromium)
 # make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+PLOTS_TEMPLATE := .dvc/tmp/plots_offline.html
 UI_PORT ?= 5000
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench fast-recipe reproduce setup data-mirror tensorboard ui mlflow-server clean-venv
+.PHONY: run test bench fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server clean-venv
 
 run: setup
 	dvc repro
@@ -46,7 +49,18 @@ reproduce: setup
 	@echo
 	git diff --stat -- dvc.lock
 
-setup: $(VENV)/.installed data-mirror
+setup: $(VENV)/.installed data-mirror $(PLOTS_TEMPLATE)
+
+# dvc plots show without the internet: Vega from the npm registry, inlined into DVC's page template.
+$(PLOTS_TEMPLATE): scripts/offline_plots.py $(VENV)/.installed
+	-$(PY) scripts/offline_plots.py || echo "note: dvc plots show will load Vega from its CDN until this succeeds"
+
+plots: setup
+	dvc plots show
+
+# The README's pictures, from this checkout's runs: MLflow's runs view and dvc plots diff of the experiments.
+screenshots: setup
+	$(PY) scripts/screenshots.py $(REVS)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -7,6 +7,7 @@ to the training's MLflow run as an MLflow PyTorch model with signature and input
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from stages.lib.tracking import Tracker
 
 MODEL_PATH, EXPORT_DIR = Path("models/model.pt"), Path("models/export")
 METRICS_PATH, EVAL_PATH = Path("metrics/export.json"), Path("metrics/eval.json")
+PER_CLASS_PATH = Path("metrics/per_class.csv")
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
@@ -71,12 +73,12 @@ def model_card(ckpt: ModelFile, evaluation: dict, onnx_diff: float) -> str:
                 "photos first (`python -m stages.predict --invert`).")
     pad = f" zero-padded to {ph}×{pw}" if (ph, pw) != (h, w) else ""
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt.params).items())
-    per_class = "\n".join(f"| {name} | {acc} |" for name, acc in evaluation.get("per_class_accuracy", {}).items())
+    per_class = "\n".join(f"| {row['class']} | {row['accuracy']} |" for row in evaluation.get("per_class", []))
     return f"""# Model card: {ckpt.config['name']} on {ckpt.dataset}
 
 - Classes ({len(ckpt.classes)}): {', '.join(ckpt.classes)}
 - Trained for {ckpt.epoch} epochs; validation accuracy {ckpt.val_metrics['val_accuracy']:.4f}
-- Test accuracy {evaluation.get('test_accuracy')} on {evaluation.get('test_images')} images; test loss {evaluation.get('test_loss')}
+- Test accuracy {evaluation.get('test_accuracy')} on {sum(int(row['images']) for row in evaluation.get('per_class', []))} images; test loss {evaluation.get('test_loss')}
 
 ## Input format
 float32 tensor N×{c}×{ph}×{pw}: a {h}×{w} {'grayscale' if c == 1 else 'RGB'} image ({resize}){pad}, scaled
@@ -110,6 +112,8 @@ def main(args) -> None:
     images, _ = load_split("test")
     check = model_file.normalizer()(images[: cfg.onnx_check_images]).contiguous()
     evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
+    if PER_CLASS_PATH.exists():
+        evaluation["per_class"] = list(csv.DictReader(PER_CLASS_PATH.read_text().splitlines()))
     with replaced_dir(EXPORT_DIR) as staging:  # the old export stays whole unless every file is written and checked
         write_files({staging / "state_dict.pt": torch_bytes(model_file.state_dict)})
         onnx_path = staging / "model.onnx"

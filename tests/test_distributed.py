@@ -26,7 +26,7 @@ def test_two_gloo_processes_train_like_one_and_resume_in_one(trained_project, tm
     # ends where one process ends, up to float rounding.
     assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-3)
     assert abs(ddp["val_accuracy"] - single["val_accuracy"]) <= 0.02
-    assert json.loads((folder / "metrics/train_time.json").read_text())["processes"] == 2
+    assert json.loads((folder / "metrics/train_env.json").read_text())["processes"] == 2
     model, ckpt = load_model(folder / "models/model.pt")  # a plain single-process model file
     assert not any(key.startswith("module.") for key in ckpt.state_dict)
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
