@@ -123,8 +123,12 @@ def test_parallel_queued_experiments_all_log_to_the_repo_root_store(exp_repo):
     variants = {"q-lr02": ("0.02", "1"), "q-lr03": ("0.03", "1"), "q-lr05-e2": ("0.05", "2"), "q-lr08": ("0.08", "1")}
     for name, (lr, epochs) in variants.items():
         sh(exp_repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", "-S", f"train.epochs={epochs}")
-    sh(exp_repo, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 1800  # a safety net for a hung queue, not a timing assumption
+    # The workers it spawns inherit its stdout: read through a pipe (sh), it would return only when the
+    # whole queue has run. Started with no pipes, it returns at once and the queue is polled below.
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=exp_repo, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=clean_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+    deadline = time.time() + 3600  # a safety net for a hung queue, not a timing assumption
     while time.time() < deadline:
         status = sh(exp_repo, "dvc", "queue", "status")
         if all(name in status for name in variants) and not any(w in status for w in ("Running", "Queued")):

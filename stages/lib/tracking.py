@@ -204,9 +204,14 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        # A parallel run may create it first: then this fails, and _guard retries and finds it.
         location = (project_root() / "mlartifacts" / name).as_uri() if uri.startswith("sqlite:") else None
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # a run on another machine or worker created it first: use that one
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
     def _create_run(self, params, env: dict, meta: dict) -> str | None:
         """A new run with its tags and params; each step guarded (and retried) on its own, so a retry
