@@ -55,6 +55,7 @@ ADMIN = "admin"
 # What a user may do on an experiment nobody gave them rights on. MLflow raises every grant to at least
 # this, so anything above READ would make read-only users impossible; writers get EDIT from --add-user.
 DEFAULT_PERMISSION = "READ"
+AUTH_CACHE_S = 60
 
 
 class Fail(Exception):
@@ -203,7 +204,12 @@ def write_auth_config(path: Path, pgdata: Path) -> None:
                         f"default_permission = {DEFAULT_PERMISSION}\n"
                         f"database_uri = {uri}\n"
                         f"admin_username = {ADMIN}\n"
-                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                        # Checking a password (scrypt) costs ~0.2 s of CPU, and logging a model makes dozens
+                        # of requests: each worker remembers a good login for a minute. A changed password or
+                        # deleted user then still works for up to that long on the workers that did not
+                        # handle the change.
+                        f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n")
 
 
 def is_loopback(host: str) -> bool:
