@@ -1,7 +1,7 @@
 """`make mlflow-server`: a shared MLflow tracking server with logins, backed by a private PostgreSQL cluster.
 
     python scripts/mlflow_server.py [--host 127.0.0.1] [--port 5001] [--dir mlserver]
-    python scripts/mlflow_server.py --add-user NAME   # a teammate's login; the password is read from stdin
+    python scripts/mlflow_server.py --add-user NAME [--read-only]   # a login; the password is asked for
     python scripts/mlflow_server.py --stop            # stop a PostgreSQL left running by a killed server
 
 Python rather than shell: the script owns two servers and must stop both on Ctrl-C, SIGTERM, a
@@ -21,7 +21,7 @@ MLFLOW_AUTH_ADMIN_PASSWORD when set, else from admin_password; it is never print
 MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. --no-auth serves without logins, on loopback only.
 
 PostgreSQL listens on no TCP port, only on a Unix socket inside pgdata/ (mode 0700) with trust
-authentication: only the folder's owner and root can connect, no password is stored anywhere, and
+authentication: only the folder's owner and root can connect, no database password exists, and
 neither the Debian package's own cluster (port 5432) nor another checkout's server can collide with
 it. PostgreSQL refuses to run as root, so as root initdb and pg_ctl run as the `postgres` user, which
 then owns pgdata/. MLflow itself runs as the caller.
