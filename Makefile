@@ -5,7 +5,8 @@
 # make reproduce — rebuild everything from scratch and compare with the committed run
 # make plots — dvc plots show, offline (dvc_plots/index.html)
 # make screenshots — pictures of the MLflow runs view and of the plots for the README (needs chromium)
-# make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
+# make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
+# make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read)
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
@@ -17,7 +18,7 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server clean-venv
+.PHONY: run test bench fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user clean-venv
 
 run: setup
 	dvc repro
@@ -84,9 +85,16 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # Tracking server for the team: runs in PostgreSQL (mlserver/pgdata), artifacts served from
-# mlserver/artifacts. Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT.
+# mlserver/artifacts, logins by MLflow's basic-auth app (admin password in mlserver/admin_password).
+# Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT and
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 mlflow-server: setup
 	$(PY) scripts/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
+
+# A login on the running server; the password is asked for (or read from stdin).
+mlflow-user: setup
+	@test -n "$(NAME)" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1]" >&2; exit 2; }
+	$(PY) scripts/mlflow_server.py --add-user $(NAME) --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(READ_ONLY),--read-only)
 
 clean-venv:
 	rm -rf $(VENV)
