@@ -533,7 +533,7 @@ def check_complete_run(server: Server, run_id: str, project: Path, login: tuple[
     assert params["train.lr"] == "0.01" and params["preprocess.max_train"] == "600"
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert metrics["test_accuracy"] == json.loads((project / "metrics/eval.json").read_text())["test_accuracy"]
-    assert {"train_loss", "val_accuracy", "test_loss"} <= set(metrics)
+    assert {"train_loss", "val/accuracy", "test_loss"} <= set(metrics)
 
     # Artifacts go through the server, to logins only, into --artifacts-destination.
     listed = api(base, f"2.0/mlflow/artifacts/list?run_id={run_id}&path=metrics", auth=login)["files"]
