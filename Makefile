@@ -3,13 +3,17 @@
 # make bench — the tutorial's loop vs the train stage vs the fast recipe, then the served model (benchmarks/results/)
 # make fast-recipe — the fast recipe as a DVC experiment
 # make reproduce — rebuild everything from scratch and compare with the committed run
-# make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
+# make plots — dvc plots show, offline (dvc_plots/index.html)
+# make screenshots — pictures of the MLflow runs view and of the plots for the README (needs chromium)
 # make serve — the newest registered version of the model over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
+# make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
+# make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read)
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+PLOTS_TEMPLATE := .dvc/tmp/plots_offline.html
 UI_PORT ?= 5000
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
@@ -17,7 +21,7 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench bench-serve fast-recipe reproduce setup data-mirror tensorboard ui mlflow-server serve clean-venv
+.PHONY: run test bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv
 
 run: setup
 	dvc repro
@@ -56,7 +60,18 @@ reproduce: setup
 	@echo
 	git diff --stat -- dvc.lock
 
-setup: $(VENV)/.installed data-mirror
+setup: $(VENV)/.installed data-mirror $(PLOTS_TEMPLATE)
+
+# dvc plots show without the internet: Vega from the npm registry, inlined into DVC's page template.
+$(PLOTS_TEMPLATE): scripts/offline_plots.py $(VENV)/.installed
+	-$(PY) scripts/offline_plots.py || echo "note: dvc plots show will load Vega from its CDN until this succeeds"
+
+plots: setup
+	dvc plots show
+
+# The README's pictures, from this checkout's runs: MLflow's runs view and dvc plots diff of the experiments.
+screenshots: setup
+	$(PY) scripts/screenshots.py $(REVS)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -80,9 +95,16 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # Tracking server for the team: runs in PostgreSQL (mlserver/pgdata), artifacts served from
-# mlserver/artifacts. Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT.
+# mlserver/artifacts, logins by MLflow's basic-auth app (admin password in mlserver/admin_password).
+# Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT and
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 mlflow-server: setup
 	$(PY) scripts/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
+
+# A login on the running server; the password is asked for (or read from stdin).
+mlflow-user: setup
+	@test -n "$(NAME)" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1]" >&2; exit 2; }
+	$(PY) scripts/mlflow_server.py --add-user $(NAME) --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(READ_ONLY),--read-only)
 
 # The classifier over HTTP: `mlflow models serve --env-manager local` (offline) of tracking.registered_model's
 # newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion). README: Serving the model.

@@ -1,13 +1,15 @@
 """Stage 4 — evaluate: the trained model on the held-out test split.
 
-Writes metrics/eval.json (accuracy, mean loss, per-class accuracy), metrics/confusion.csv
-(one `actual,predicted` row per test image, for DVC's confusion-matrix plot) and metrics/confusion.png;
-adds them to the training's MLflow run.
+Writes metrics/eval.json (test accuracy and mean loss: the numbers experiments are compared by),
+metrics/per_class.csv (accuracy and image count per class, a bar chart in `dvc plots`) and
+metrics/confusion.csv (one `actual,predicted` row per test image, DVC's confusion-matrix plot); adds
+them to the training's MLflow run with a confusion-matrix picture and a per-class table.
 """
 from __future__ import annotations
 
 import csv
 import io
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,26 +25,32 @@ from stages.lib.params import load_params
 from stages.lib.tracking import Tracker
 
 MODEL_PATH = Path("models/model.pt")
-METRICS_PATH, CONFUSION_PATH = Path("metrics/eval.json"), Path("metrics/confusion.csv")
-CONFUSION_IMAGE = Path("metrics/confusion.png")
+METRICS_PATH, PER_CLASS_PATH = Path("metrics/eval.json"), Path("metrics/per_class.csv")
+CONFUSION_PATH = Path("metrics/confusion.csv")
 
 
-def split_metrics(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str], loss: float) -> dict:
+def per_class(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> list[dict]:
+    """[{"class", "accuracy" (None without test images), "images"}] in class order."""
     labels, predicted = labels.cpu(), predicted.cpu()
-    per_class = {}
+    rows = []
     for index, name in enumerate(classes):
         mask = labels == index
-        per_class[name] = round((predicted[mask] == index).float().mean().item(), 6) if mask.any() else None
-    return {"test_accuracy": round((predicted == labels).float().mean().item(), 6),
-            "test_loss": round(loss, 6), "test_images": len(labels), "per_class_accuracy": per_class}
+        accuracy = round((predicted[mask] == index).float().mean().item(), 6) if mask.any() else None
+        rows.append({"class": name, "accuracy": accuracy, "images": int(mask.sum())})
+    return rows
 
 
-def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> str:
+def csv_bytes(rows: list[dict]) -> bytes:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    writer.writerows((classes[a], classes[p]) for a, p in zip(labels.tolist(), predicted.tolist()))
-    return buffer.getvalue()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> bytes:
+    return csv_bytes([{"actual": classes[a], "predicted": classes[p]}
+                      for a, p in zip(labels.tolist(), predicted.tolist())])
 
 
 def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str], cell: int = 44):
@@ -81,21 +89,21 @@ def main(args) -> None:
     began = time.perf_counter()
     result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)))
     seconds = time.perf_counter() - began
-    classes = model_file.classes
-    metrics = split_metrics(labels, result["predictions"], classes, result["loss"])
-    png = io.BytesIO()
-    confusion_image(labels, result["predictions"], classes).save(png, format="PNG")
-    write_files({METRICS_PATH: json_bytes(metrics),
-                 CONFUSION_PATH: confusion_csv(labels, result["predictions"], classes).encode(),
-                 CONFUSION_IMAGE: png.getvalue()})
+    metrics = {"test_accuracy": round(result["accuracy"], 6), "test_loss": round(result["loss"], 6)}
+    classes = per_class(labels, result["predictions"], model_file.classes)
+    write_files({METRICS_PATH: json_bytes(metrics), PER_CLASS_PATH: csv_bytes(classes),
+                 CONFUSION_PATH: confusion_csv(labels, result["predictions"], model_file.classes)})
     tracker = Tracker.resume(params.tracking)
-    tracker.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
-                         **{f"test_accuracy/{k}": v for k, v in metrics["per_class_accuracy"].items()}},
-                        step=model_file.epoch)
-    for path in (METRICS_PATH, CONFUSION_PATH, CONFUSION_IMAGE):
+    tracker.log_test(metrics, classes, step=model_file.epoch)
+    for path in (METRICS_PATH, PER_CLASS_PATH, CONFUSION_PATH):
         tracker.log_artifact(path, "metrics")
+    if tracker.active:
+        with tempfile.TemporaryDirectory() as tmp:
+            picture = Path(tmp) / "confusion.png"
+            confusion_image(labels, result["predictions"], model_file.classes).save(picture, format="PNG")
+            tracker.log_artifact(picture, "metrics")
     print(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on "
-          f"{len(labels)} images in {seconds:.2f}s ({device}); wrote {METRICS_PATH}, {CONFUSION_PATH}")
+          f"{len(labels)} images in {seconds:.2f}s ({device}); wrote {METRICS_PATH}, {PER_CLASS_PATH}, {CONFUSION_PATH}")
 
 
 if __name__ == "__main__":

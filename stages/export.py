@@ -10,6 +10,7 @@ a new version of tracking.registered_model.
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from stages.lib.tracking import Tracker
 
 MODEL_PATH, EXPORT_DIR = Path("models/model.pt"), Path("models/export")
 METRICS_PATH, EVAL_PATH = Path("metrics/export.json"), Path("metrics/eval.json")
+PER_CLASS_PATH = Path("metrics/per_class.csv")
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
@@ -80,12 +82,12 @@ def model_card(ckpt: ModelFile, evaluation: dict, diffs: tuple[float, float]) ->
     pad = f", zero-pads it to {ph}×{pw}" if (ph, pw) != (h, w) else ""
     tta = " and averages each image's logits with its mirror's (flip TTA)" if ckpt.config.get("tta_flip") else ""
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt.params).items())
-    per_class = "\n".join(f"| {name} | {acc} |" for name, acc in evaluation.get("per_class_accuracy", {}).items())
+    per_class = "\n".join(f"| {row['class']} | {row['accuracy']} |" for row in evaluation.get("per_class", []))
     return f"""# Model card: {ckpt.config['name']} on {ckpt.dataset}
 
 - Classes ({len(ckpt.classes)}): {', '.join(ckpt.classes)}
 - Trained for {ckpt.epoch} epochs; validation accuracy {ckpt.val_metrics['val_accuracy']:.4f}
-- Test accuracy {evaluation.get('test_accuracy')} on {evaluation.get('test_images')} images; test loss {evaluation.get('test_loss')}
+- Test accuracy {evaluation.get('test_accuracy')} on {sum(int(row['images']) for row in evaluation.get('per_class', []))} images; test loss {evaluation.get('test_loss')}
 
 ## Input: images as the data set stores them
 `model.onnx` takes `image`: uint8 N×{c}×{h}×{w} ({kind}, pixel values 0..255, any batch size N). Any
@@ -145,6 +147,8 @@ def main(args) -> None:
     with torch.inference_mode():
         logits = model(model_file.normalizer()(prepared))  # as evaluate computes them
     evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
+    if PER_CLASS_PATH.exists():
+        evaluation["per_class"] = list(csv.DictReader(PER_CLASS_PATH.read_text().splitlines()))
     with replaced_dir(EXPORT_DIR) as staging:  # the old export stays whole unless every file is written and checked
         write_files({staging / "state_dict.pt": torch_bytes(model_file.state_dict)})
         onnx_path = staging / "model.onnx"

@@ -2,9 +2,11 @@
 
 Writes models/model.pt (the self-describing model file, stages/lib/modelfile.py), models/checkpoint.pt
 after every epoch (a rerun resumes from it when the settings still match), TensorBoard logs in logs/,
-metrics/train.json (final validation metrics), metrics/train_history.csv (per-epoch curves for
-`dvc plots`) and metrics/train_time.json (speed; kept apart so the other metrics files are identical
-across reruns).
+and after every epoch, so that `dvc exp show` and `dvc plots` follow a running experiment:
+metrics/train.json (validation and training loss), metrics/train_history.csv (per-epoch curves),
+metrics/train_time.json (speed, kept apart so that the other files are identical across reruns) and
+metrics/train_env.json (device, precision, threads: not metrics). A training that fails puts the old
+metrics files back, so they always describe models/model.pt.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ MODEL_PATH, CHECKPOINT_PATH = Path("models/model.pt"), Path("models/checkpoint.p
 LOG_DIR = Path("logs")
 METRICS_PATH, HISTORY_PATH = Path("metrics/train.json"), Path("metrics/train_history.csv")
 TIME_PATH = Path("metrics/train_time.json")
+ENV_PATH = Path("metrics/train_env.json")  # where it ran (device, precision, threads): not a metric
 EVAL_BATCH = 1000  # validation images per forward pass
 
 
@@ -215,6 +218,17 @@ def main(args) -> None:
         distributed.finish(group)
 
 
+def metrics_files(history: list[dict], epoch_seconds: list[float], n_train: int, env: dict) -> dict:
+    """{path: bytes} of the metrics after the epochs in `history` (rewritten after every epoch, so that
+    `dvc exp show` and `dvc plots` follow a running experiment)."""
+    total = sum(epoch_seconds)
+    return {METRICS_PATH: json_bytes({"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}}),
+            HISTORY_PATH: history_csv(history),
+            TIME_PATH: json_bytes({"seconds": round(total, 2),
+                                   "images_per_s": round(n_train * len(epoch_seconds) / total, 1)}),
+            ENV_PATH: json_bytes(env)}
+
+
 def train_stage(params: Params, meta: dict, group: Group, device: torch.device) -> None:
     threads = set_threads(params.threads, group.local_world)
     data = {name: load_split(name, device=device) for name in ("train", "val")}
@@ -226,7 +240,9 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device) 
         fit(params, meta, data, device, resume, Callbacks(lambda step, loss: faults.at("step", step), print=QUIET.print),
             group=group)
         return
-    clear_temps(MODEL_PATH, CHECKPOINT_PATH, RUN_FILE, METRICS_PATH, HISTORY_PATH, TIME_PATH)
+    live = (METRICS_PATH, HISTORY_PATH, TIME_PATH, ENV_PATH)
+    clear_temps(MODEL_PATH, CHECKPOINT_PATH, RUN_FILE, *live)
+    before = {path: path.read_bytes() if path.is_file() else None for path in live}  # put back if training fails
     if resume is None:
         shutil.rmtree(LOG_DIR, ignore_errors=True)
     from torch.utils.tensorboard import SummaryWriter
@@ -234,13 +250,15 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device) 
     n_train = len(data["train"][1])
     steps = steps_per_epoch(n_train, params.train.batch_size, group.world)
     writer = SummaryWriter(str(LOG_DIR), purge_step=resume["epoch"] * steps + 1 if resume else None)
-    tracker = Tracker.start(params.tracking, params, str(device), resume.get("mlflow_run_id") if resume else None)
-    precision = "bf16" if use_bf16(params.train.precision, device) else "fp32"
+    env = {"device": str(device), "precision": "bf16" if use_bf16(params.train.precision, device) else "fp32",
+           "threads": threads, "processes": group.world}
+    tracker = Tracker.start(params.tracking, params, env, meta, resume.get("mlflow_run_id") if resume else None)
     ranks = f", {group.world} processes" if group.world > 1 else ""
-    print(f"training {params.model.name} on {device} ({threads} threads{ranks}, {precision}), "
+    print(f"training {params.model.name} on {device} ({threads} threads{ranks}, {env['precision']}), "
           f"{n_train} train / {len(data['val'][1])} val images")
     if resume is None:
         writer.add_images("train/batch", data["train"][0][:64].float().div(255), 0)
+    epoch_seconds = []
 
     def on_step(step, loss):
         if step % params.train.log_every == 0:
@@ -251,13 +269,17 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device) 
         writer.add_scalar("val/loss", row["val_loss"], row["epoch"])
         writer.add_scalar("val/accuracy", row["val_accuracy"], row["epoch"])
         writer.add_scalar("train/epoch_loss", row["train_loss"], row["epoch"])
-        tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": seconds,
-                             "images_per_s": n_train / seconds}, step=row["epoch"])
+        tracker.log_epoch(row, seconds, n_train)
         save_checkpoint({**ckpt, "fingerprint": expect, "mlflow_run_id": tracker.run_id})
+        epoch_seconds.append(seconds)
+        write_files(metrics_files(ckpt["history"], epoch_seconds, n_train, env))
 
     try:
         result = fit(params, meta, data, device, resume, Callbacks(on_step, on_epoch), group=group)
     except BaseException as exc:
+        write_files({path: content for path, content in before.items() if content is not None})
+        for path in (path for path, content in before.items() if content is None):
+            path.unlink(missing_ok=True)
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if resume is None:
@@ -270,19 +292,9 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device) 
                       state_dict=cpu_state(result.model), classes=meta["classes"],
                       normalization={"mean": meta["mean"], "std": meta["std"]}, input=meta["input"],
                       params=params.model_dump(), dataset=meta["dataset"], val_metrics=result.history[-1])
-    total = sum(result.epoch_seconds)
-    write_files({
-        MODEL_PATH: final.to_bytes(),
-        RUN_FILE: json_bytes(tracker.record()),
-        METRICS_PATH: json_bytes({"epochs": len(result.history),
-                                  **{k: v for k, v in result.history[-1].items() if k != "epoch"}}),
-        HISTORY_PATH: history_csv(result.history),
-        TIME_PATH: json_bytes({"device": str(device), "processes": group.world, "threads": threads,
-                               "precision": precision, "epochs_run": len(result.epoch_seconds),
-                               "seconds": round(total, 2),
-                               "images_per_s": round(n_train * len(result.epoch_seconds) / total, 1)}),
-    })
-    for path in (METRICS_PATH, HISTORY_PATH, TIME_PATH):
+    write_files({MODEL_PATH: final.to_bytes(), RUN_FILE: json_bytes(tracker.record()),
+                 **metrics_files(result.history, result.epoch_seconds, n_train, env)})
+    for path in live:
         tracker.log_artifact(path, "metrics")
     tracker.log_artifact(LOG_DIR, "tensorboard")
     tracker.finish()

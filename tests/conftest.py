@@ -66,7 +66,7 @@ def clean_env(**extra: str) -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in SCRUB}, **extra}
 
 
-def run_stage(folder: Path, module: str, *args: str, timeout: float = 600,
+def run_stage(folder: Path, module: str, *args: str, timeout: float = 1800,
               env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m stages.<module>` in `folder` the way dvc does, with this checkout on the path."""
     env = clean_env(PYTHONPATH=str(REPO), **(env or {}))
@@ -78,7 +78,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
 
 
-def sh(folder: Path, *args: str, timeout: float = 600, check: bool = True, stdout_only: bool = False) -> str:
+def sh(folder: Path, *args: str, timeout: float = 1800, check: bool = True, stdout_only: bool = False) -> str:
     """Run a command in `folder` with this venv first on PATH (as `make` does); return its output."""
     env = clean_env(**GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)

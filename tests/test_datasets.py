@@ -1,5 +1,6 @@
 """MNIST, CIFAR-10 and image folders through the real download and preprocess code, on archives these
 tests fabricate with the real layout and serve from 127.0.0.1 (the real hosts are not reachable here)."""
+import csv
 import gzip
 import hashlib
 import io
@@ -250,7 +251,8 @@ def test_ants_and_bees_with_resnet18_through_every_stage(tmp_path, serve_folder)
     ckpt = torch.load(project / "models/model.pt", weights_only=True)
     assert ckpt["model"]["name"] == "resnet18" and ckpt["classes"] == ["ants", "bees"]
     assert ckpt["input"] == {"channels": 3, "size": [32, 32], "pad_to": [32, 32], "resize": "center_crop"}
-    assert json.loads((project / "metrics/eval.json").read_text())["test_images"] == 6
+    per_class = list(csv.DictReader((project / "metrics/per_class.csv").open()))
+    assert [row["class"] for row in per_class] == ["ants", "bees"] and sum(int(r["images"]) for r in per_class) == 6
     assert json.loads((project / "metrics/export.json").read_text())["onnx_max_abs_diff"] < 1e-4
     assert "center-cropped" in (project / "models/export/MODEL_CARD.md").read_text()
 

@@ -253,14 +253,14 @@ def test_sources_for_order(mirror):
 
 def test_system_dirs_reads_dpkg_listing_else_the_usual_place(monkeypatch):
     listing_ = "/.\n/opt/fm\n" + "".join(f"/opt/fm/{n}\n" for n in NAMES) + "/usr/share/doc/x/copyright\n"
-    monkeypatch.setattr("stages.datasets.shutil.which", lambda cmd: "/usr/bin/dpkg")
-    monkeypatch.setattr("stages.datasets.subprocess.run",
+    monkeypatch.setattr("stages.lib.datasets.shutil.which", lambda cmd: "/usr/bin/dpkg")
+    monkeypatch.setattr("stages.lib.datasets.subprocess.run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing_, stderr=""))
     assert DS.system_dirs() == ["/opt/fm"]
-    monkeypatch.setattr("stages.datasets.subprocess.run",
+    monkeypatch.setattr("stages.lib.datasets.subprocess.run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 1, stdout="", stderr="not installed"))
     assert DS.system_dirs() == [DS.default_system_dir]
-    monkeypatch.setattr("stages.datasets.shutil.which", lambda cmd: None)
+    monkeypatch.setattr("stages.lib.datasets.shutil.which", lambda cmd: None)
     assert DS.system_dirs() == [DS.default_system_dir]
 
 

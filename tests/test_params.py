@@ -31,6 +31,7 @@ def test_committed_params_are_valid():
     ({"data": {"mirrors": "/tmp"}}, "data.mirrors must be a list"),
     ({"data": {"mirrors": ["/tmp", ""]}}, "data.mirrors.1 must be a non-empty string"),
     ({"train": {"device": "cuda:x"}}, "train.device must be one of auto, cpu, cuda or cuda:N; got 'cuda:x'"),
+    ({"tracking": {"uri": "http://me:secret@host:5000"}}, "tracking.uri must not hold credentials"),
     ({"preprocess": {"val_size": -1}}, "preprocess.val_size must be >= 1"),
 ])
 def test_bad_values_are_named_with_what_is_allowed(overrides, message):

@@ -78,7 +78,7 @@ def test_thread_count_is_the_param_and_is_recorded(trained_project, tmp_path):
     result = run_stage(folder, "train")
     assert result.returncode == 0, result.stderr
     assert "(1 threads, " in result.stdout
-    assert json.loads((folder / "metrics/train_time.json").read_text())["threads"] == 1
+    assert json.loads((folder / "metrics/train_env.json").read_text())["threads"] == 1
 
 
 def test_replaced_dir_keeps_the_old_folder_on_failure(tmp_path):

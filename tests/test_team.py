@@ -1,7 +1,16 @@
-"""Team setup: the MLflow tracking server on PostgreSQL (scripts/mlflow_server.py) and a DVC remote."""
+"""Team setup: the MLflow tracking server with logins on PostgreSQL (scripts/mlflow_server.py), DVC remotes
+(a folder, and SSH through a real sshd on loopback), and three clones standing in for three machines that
+share experiments through a bare git remote, the SSH remote and the server."""
+from __future__ import annotations
+
+import base64
+import csv
 import hashlib
+import io
 import json
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -9,14 +18,38 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, clean_env, free_port, make_dvc_repo, run_stage, sh, wait_until_healthy, write_params
+from conftest import (GIT_ENV, REPO, clean_env, free_port, make_dvc_repo, run_stage, sh, wait_until_healthy,
+                      write_params)
 
 SCRIPT = REPO / "scripts" / "mlflow_server.py"
+SSHD = Path("/usr/sbin/sshd")
+# Nothing from the caller's shell may log a test in, or hand the server a password.
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                   "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                   "SSH_AUTH_SOCK")
+
+
+def env(**extra: str) -> dict:
+    return {k: v for k, v in clean_env(**extra).items() if k not in CREDENTIAL_VARS or k in extra}
+
+
+def needs(present: bool, message: str) -> None:
+    if not present:
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def require_postgresql() -> None:
+    needs(bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb")),
+          "PostgreSQL is not installed: apt-get install postgresql")
 
 
 def port_open(port: int) -> bool:
@@ -43,130 +76,303 @@ def session_pids(sid: int) -> list[int]:
     return [pid for pid in pids if (stat := proc_stat(pid)) and stat[3] == str(sid) and stat[0] != "Z"]
 
 
-def api(base: str, path: str, body: dict | None = None) -> dict:
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of a process started with start_new_session=True, and reap it."""
+    for pid in session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.wait(timeout=60)
+
+
+def call(base: str, path: str, body: dict | None = None, auth: tuple[str, str] | None = None,
+         method: str | None = None) -> tuple[int, dict | str]:
+    """One REST request; (HTTP status, the JSON answer or its text)."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{base}/api/2.0/{path}", data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
+    request = urllib.request.Request(f"{base}/api/{path}", data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
 
 
-@pytest.fixture
-def postgresql():
-    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) and not shutil.which("initdb"):
-        message = "PostgreSQL is not installed: apt-get install postgresql"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+def api(base: str, path: str, body: dict | None = None, auth: tuple[str, str] | None = None) -> dict:
+    status, answer = call(base, path, body, auth)
+    assert status == 200, f"{path}: HTTP {status}: {answer}"
+    return answer
 
 
-@pytest.fixture
-def server_dir():
+# --- the tracking server -------------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    port: int
+    folder: Path
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.folder / "pgdata"
+
+    @property
+    def admin(self) -> tuple[str, str]:
+        return "admin", (self.folder / "admin_password").read_text().strip()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def server_folder() -> Path:
     """A folder for the server outside pytest's tmp tree: as root, PostgreSQL runs as the postgres
     user, which must be able to reach it (/tmp/pytest-of-root is private)."""
     folder = Path(tempfile.mkdtemp(prefix="tudui-mlserver-"))
     folder.chmod(0o711)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def start_server(folder: Path, log_path: Path, port: int | None = None) -> Server:
+    port = port or free_port()
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--dir", str(folder), "--port", str(port),
+                                 "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env(),
+                                start_new_session=True)
+    server = Server(port, folder, proc, log_path)
+    try:
+        wait_until_healthy(server.base, proc, 240, lambda: server.log()[-3000:])
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: Server) -> None:
+    """Cleanup however the test went: SIGTERM, then SIGKILL for leftovers, then PostgreSQL."""
+    if server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_session(server.proc)
+    if (server.pgdata / "postmaster.pid").exists():
+        subprocess.run([sys.executable, str(SCRIPT), "--stop", "--dir", str(server.folder)], timeout=180)
+
+
+def add_user(server: Server, name: str, password: str, *flags: str, **extra_env: str) -> subprocess.CompletedProcess:
+    """The README's command for a new login; the password goes in on stdin."""
+    return subprocess.run([sys.executable, str(SCRIPT), "--dir", str(server.folder), "--port", str(server.port),
+                           "--add-user", name, *flags], input=password + "\n", capture_output=True, text=True,
+                          timeout=120, env=env(**extra_env))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server with logins for this module's tests."""
+    require_postgresql()
+    folder = server_folder()
+    server = start_server(folder, tmp_path_factory.mktemp("mlserver") / "server.out")
+    try:
+        yield server
+    finally:
+        stop_server(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def users(mlflow_server) -> dict:
+    """Three teammates who may log runs and one read-only user, each with a fresh random password."""
+    made = {}
+    for name, flags in (("alice", ()), ("bob", ()), ("carol", ()), ("rita", ("--read-only",))):
+        password = "pw-" + secrets.token_urlsafe(18)
+        result = add_user(mlflow_server, name, password, *flags)
+        assert result.returncode == 0, result.stderr
+        assert f"created the MLflow user {name!r}" in result.stdout and password not in result.stdout
+        made[name] = password
+    return made
+
+
+def test_rest_api_refuses_missing_and_wrong_credentials(mlflow_server, users):
+    path = "2.0/mlflow/experiments/search?max_results=5"
+    status, answer = call(mlflow_server.base, path)
+    assert status == 401, answer
+    assert call(mlflow_server.base, path, auth=("alice", users["bob"]))[0] == 401
+    assert call(mlflow_server.base, path, auth=("alice", users["alice"] + "x"))[0] == 401
+    assert call(mlflow_server.base, path, auth=("mallory", users["alice"]))[0] == 401
+    assert call(mlflow_server.base, path, auth=("alice", users["alice"]))[0] == 200
+    assert call(mlflow_server.base, path, auth=mlflow_server.admin)[0] == 200
+    # Creating logins is the admin's: a teammate cannot make one.
+    status, _ = call(mlflow_server.base, "2.0/mlflow/users/create",
+                     {"username": "eve", "password": "pw-" + secrets.token_urlsafe(18)}, auth=("alice", users["alice"]))
+    assert status == 403
+
+
+def test_read_only_user_cannot_create_runs(mlflow_server, users):
+    base, alice, bob, rita = (mlflow_server.base, ("alice", users["alice"]), ("bob", users["bob"]),
+                              ("rita", users["rita"]))
+    experiment_id = api(base, "2.0/mlflow/experiments/create", {"name": "alice-private-study"}, alice)["experiment_id"]
+    # rita holds READ on it explicitly (--read-only users hold it on every experiment anyway).
+    api(base, "3.0/mlflow/users/permissions/grant", {"username": "rita", "resource_type": "experiment",
+                                                      "resource_id": experiment_id, "permission": "READ"},
+        mlflow_server.admin)
+    permission = api(base, f"3.0/mlflow/users/permissions/get?username=rita&resource_type=experiment"
+                           f"&resource_id={experiment_id}", auth=mlflow_server.admin)
+    assert permission["permission"] == "READ"
+
+    assert call(base, f"2.0/mlflow/experiments/get?experiment_id={experiment_id}", auth=rita)[0] == 200
+    status, answer = call(base, "2.0/mlflow/runs/create", {"experiment_id": experiment_id}, rita)
+    assert status == 403, answer
+    # The experiment does take runs, from a teammate with write access...
+    run_id = api(base, "2.0/mlflow/runs/create", {"experiment_id": experiment_id}, bob)["run"]["info"]["run_id"]
+    # ...which rita can read but not add to.
+    assert call(base, f"2.0/mlflow/runs/get?run_id={run_id}", auth=rita)[0] == 200
+    status, _ = call(base, "2.0/mlflow/runs/log-metric",
+                     {"run_id": run_id, "key": "x", "value": 1.0, "timestamp": 0, "step": 0}, rita)
+    assert status == 403
+    runs = api(base, "2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]}, alice)["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [run_id]
+
+
+def test_add_user_says_what_went_wrong_in_one_line(mlflow_server, users):
+    cases = [
+        (add_user(mlflow_server, "alice", "pw-" + secrets.token_urlsafe(18)), "refused to create the user 'alice'"),
+        (add_user(mlflow_server, "dave", "short"), "at least 12 characters"),
+        (add_user(mlflow_server, "dave", "pw-" + secrets.token_urlsafe(18),
+                  MLFLOW_AUTH_ADMIN_PASSWORD="not-the-admin-password"), "refused the admin password"),
+    ]
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        result = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(mlflow_server.folder), "--add-user", "dave",
+                                 "--url", f"http://127.0.0.1:{port}"], input="pw-" + secrets.token_urlsafe(18) + "\n",
+                                capture_output=True, text=True, timeout=120, env=env())
+    cases.append((result, "no MLflow server answers"))
+    for result, reason in cases:
+        assert result.returncode == 1, result.stdout
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert reason in result.stderr, result.stderr
+    assert call(mlflow_server.base, "2.0/mlflow/users/get?username=dave", auth=mlflow_server.admin)[0] != 200
+
+
+def leaks(secret_values: list[str], files: list[Path] = (), texts: list[str] = ()) -> list[str]:
+    """Where any of `secret_values` occurs, byte for byte, in these files and texts."""
+    found = []
+    for value in secret_values:
+        needle = value.encode()
+        found += [str(p) for p in files if p.is_file() and needle in p.read_bytes()]
+        found += [f"text #{i}: ...{text[max(0, text.find(value) - 80):text.find(value)]}"
+                  for i, text in enumerate(texts) if value in text]
+    return found
+
+
+def files_under(*folders: Path) -> list[Path]:
+    return [p for folder in folders for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
 
 
 @pytest.mark.slow
-def test_mlflow_server_on_postgresql(postgresql, server_dir, trained_project, tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    pgdata = server_dir / "pgdata"
+def test_a_wrong_password_costs_the_tracking_not_the_stage(mlflow_server, users, trained_project, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project)
+    write_params(project, {"tracking": {"enabled": True, "uri": mlflow_server.base}})
+    wrong = "pw-" + secrets.token_urlsafe(18)
+    result = run_stage(project, "train", env={"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": wrong})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning: MLflow tracking off") == 1 and "401" in result.stderr, result.stderr
+    assert json.loads((project / "models/mlflow_run.json").read_text())["run_id"] is None
+    found = leaks([wrong], files_under(project), [result.stdout, result.stderr, mlflow_server.log()])
+    assert not found, found
+
+
+def test_no_auth_is_refused_off_loopback(tmp_path):
+    require_postgresql()
+    for host in ("0.0.0.0", "192.168.1.10", "myhost.example.com"):
+        result = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(tmp_path / "srv"), "--host", host,
+                                 "--no-auth"], capture_output=True, text=True, timeout=60, env=env())
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"error: refusing to serve {host} without logins"), result.stderr
+        assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "srv").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything_and_a_restart_keeps_the_logins(tmp_path):
+    require_postgresql()
+    folder = server_folder()
     log_path = tmp_path / "server.out"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, str(SCRIPT), "--dir", str(server_dir), "--port", str(port),
-                                   "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
-                                  start_new_session=True)
-
-    def server_log() -> str:
-        return log_path.read_text(errors="replace")[-3000:]
-
+    server = start_server(folder, log_path)
     try:
-        wait_until_healthy(base, server, 120, server_log)
+        password_file = folder / "admin_password"
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        admin = server.admin
+        assert len(admin[1]) >= 24
+        assert str(password_file) in server.log()
+        bob = ("bob", "pw-" + secrets.token_urlsafe(18))
+        assert add_user(server, *bob).returncode == 0
 
-        project = tmp_path / "project"
-        shutil.copytree(trained_project, project)
-        write_params(project, {"tracking": {"enabled": True, "uri": base}})
-        for stage in ("train", "evaluate", "export"):
-            result = run_stage(project, stage)
-            assert result.returncode == 0, f"{stage}: {result.stderr}"
-            assert "warning" not in result.stderr, result.stderr
-        assert not (project / "mlflow.db").exists()
-        run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
-        eval_metrics = json.loads((project / "metrics/eval.json").read_text())
+        def stop_with_ctrl_c() -> None:
+            postgres_pid = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+            assert alive(postgres_pid)
+            os.kill(server.proc.pid, signal.SIGINT)
+            assert server.proc.wait(timeout=180) == 0, server.log()[-3000:]
+            assert server.log().rstrip().endswith("stopped the MLflow server and PostgreSQL")
+            deadline = time.time() + 60
+            while (alive(postgres_pid) or session_pids(server.proc.pid)) and time.time() < deadline:
+                time.sleep(0.5)
+            assert not alive(postgres_pid), "postgres still running"
+            assert not session_pids(server.proc.pid), f"leftover processes: {session_pids(server.proc.pid)}"
+            assert not port_open(server.port)
+            assert not (server.pgdata / "postmaster.pid").exists()
+            assert not (server.pgdata / ".s.PGSQL.5432").exists()
 
-        # Read the run back through the REST API.
-        experiment_id = api(base, "mlflow/experiments/get-by-name?experiment_name=tudui-pipeline")[
-            "experiment"]["experiment_id"]
-        runs = api(base, "mlflow/runs/search", {"experiment_ids": [experiment_id]})["runs"]
-        assert [r["info"]["run_id"] for r in runs] == [run_id]
-        run = api(base, f"mlflow/runs/get?run_id={run_id}")["run"]
-        assert run["info"]["status"] == "FINISHED"
-        params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params["train.lr"] == "0.01" and params["preprocess.max_train"] == "600"
-        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert metrics["test_accuracy"] == eval_metrics["test_accuracy"]
+        stop_with_ctrl_c()
+        # Same folder, same port: the users are in PostgreSQL, the admin password file is reused.
+        server = start_server(folder, log_path, server.port)
+        assert server.admin == admin
+        assert call(server.base, "2.0/mlflow/experiments/search?max_results=1", auth=bob)[0] == 200
+        assert call(server.base, "2.0/mlflow/experiments/search?max_results=1", auth=admin)[0] == 200
+        stop_with_ctrl_c()
+        assert admin[1] not in server.log() and bob[1] not in server.log()
 
-        # Artifacts go through the server into --artifacts-destination.
-        listed = api(base, f"mlflow/artifacts/list?run_id={run_id}&path=metrics")["files"]
-        assert "metrics/eval.json" in {f["path"] for f in listed}
-        artifact_uri = run["info"]["artifact_uri"]
-        assert artifact_uri.startswith("mlflow-artifacts:/"), artifact_uri
-        location = artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow-artifacts/artifacts/{location}/metrics/eval.json",
-                                    timeout=30) as response:
-            served = response.read()
-        assert served == (project / "metrics/eval.json").read_bytes()
-        assert (server_dir / "artifacts" / location / "metrics/eval.json").read_bytes() == served
-        assert list((server_dir / "artifacts").rglob("MLmodel")), "the logged model is missing"
-
-        # The run is in PostgreSQL, reached over the cluster's socket.
-        import psycopg
-
-        with psycopg.connect(host=str(pgdata), port=5432, user="mlflow", dbname="mlflow", connect_timeout=10) as db:
-            assert db.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone() == ("FINISHED",)
-            lr = db.execute("SELECT value FROM params WHERE run_uuid = %s AND key = 'train.lr'", (run_id,)).fetchone()
-            assert lr == ("0.01",)
-        postgres_pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-        assert alive(postgres_pid)
-
-        # Ctrl-C stops both, cleanly.
-        os.kill(server.pid, signal.SIGINT)
-        assert server.wait(timeout=120) == 0, server_log()
-        assert "stopped the MLflow server and PostgreSQL" in server_log()
-        deadline = time.time() + 30
-        while (alive(postgres_pid) or session_pids(server.pid)) and time.time() < deadline:
-            time.sleep(0.5)
-        assert not alive(postgres_pid), "postgres still running"
-        assert not session_pids(server.pid), f"leftover processes: {session_pids(server.pid)}"
-        assert not port_open(port)
-        assert not (pgdata / "postmaster.pid").exists() and not (pgdata / ".s.PGSQL.5432").exists()
+        # A lost password file is not silently replaced by one the admin user does not have.
+        password_file.rename(folder / "admin_password.saved")
+        result = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(folder), "--port", str(free_port())],
+                                capture_output=True, text=True, timeout=300, env=env())
+        assert result.returncode == 1 and "MLFLOW_AUTH_ADMIN_PASSWORD" in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and not password_file.exists()
+        assert not (server.pgdata / "postmaster.pid").exists()
     finally:
-        if server.poll() is None:
-            os.kill(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in session_pids(server.pid):
-            os.kill(pid, signal.SIGKILL)
-        if (pgdata / "postmaster.pid").exists():
-            subprocess.run([sys.executable, str(SCRIPT), "--stop", "--dir", str(server_dir)], timeout=120)
+        stop_server(server)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_server_refuses_a_busy_port(postgresql, tmp_path):
+def test_server_refuses_a_busy_port(tmp_path):
+    require_postgresql()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(tmp_path / "srv"), "--port", str(port)],
-                                capture_output=True, text=True, timeout=60, env=clean_env())
+                                capture_output=True, text=True, timeout=60, env=env())
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and result.stderr.count("\n") == 1
     assert not (tmp_path / "srv" / "pgdata").exists()
 
+
+# --- DVC remotes -----------------------------------------------------------------------------------------
 
 def test_project_has_a_default_dvc_remote_outside_the_repo():
     from configobj import ConfigObj
@@ -206,3 +412,272 @@ def test_dvc_remote_moves_data_between_checkouts(tmp_path, mirror):
     sh(other, "dvc", "pull", *stages)
     assert digests(other) == before
     assert "up to date" in sh(other, "dvc", "status", *stages)
+
+
+@dataclass
+class SSHServer:
+    port: int
+    home: Path     # a HOME whose ~/.ssh/config names this server `team-storage`, with the key to log in
+    storage: Path  # a folder "on the storage machine" (here: this one) for the team's DVC remote
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """Debian's sshd on 127.0.0.1 and a free port, as the current user, with a generated host key and a
+    generated client key, all in a temporary folder; the system's sshd and its config are not touched."""
+    needs(SSHD.exists(), "openssh-server is not installed: apt-get install openssh-server")
+    folder = tmp_path / "sshd"
+    folder.mkdir()
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(folder / key)],
+                       check=True, timeout=60)
+    shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
+    if os.geteuid() == 0:  # as root sshd insists on its privilege-separation folder (systemd makes it at boot)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    port, user = free_port(), pwd.getpwuid(os.getuid()).pw_name
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nPidFile {folder / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nAllowUsers {user}\nPermitRootLogin prohibit-password\n"
+        "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        "StrictModes no\n"  # the keys sit in pytest's temporary folders
+        "Subsystem sftp internal-sftp\n")
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {(folder / 'host_key.pub').read_text()}")
+    config = home / ".ssh" / "config"
+    config.write_text(f"Host team-storage\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n"
+                      f"  IdentityFile {folder / 'client_key'}\n  IdentitiesOnly yes\n"
+                      f"  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
+    config.chmod(0o600)
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    with open(folder / "sshd.log", "w") as log:
+        proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(folder / "sshd_config")], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Ready when a real login works: OpenSSH's client, checking the host key this time.
+        deadline = time.time() + 120
+        while True:
+            login = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                                    "team-storage", "true"], capture_output=True, text=True, timeout=60,
+                                   env=env(HOME=str(home)))
+            if login.returncode == 0:
+                break
+            log_text = (folder / "sshd.log").read_text(errors="replace")
+            assert proc.poll() is None, f"sshd exited with {proc.returncode}: {log_text}"
+            assert time.time() < deadline, f"no ssh login after 120 s: {login.stderr}\n{log_text}"
+            time.sleep(0.5)
+        yield SSHServer(port, home, storage)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_session(proc)
+
+
+def machine_env(home: Path, login: tuple[str, str] | None = None) -> dict:
+    """One "machine": its own HOME (~/.ssh/config) and, optionally, its MLflow login."""
+    extra = {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **GIT_ENV}
+    if login:
+        extra.update(MLFLOW_TRACKING_USERNAME=login[0], MLFLOW_TRACKING_PASSWORD=login[1])
+    return env(**extra)
+
+
+def run_on(folder: Path, machine: dict, *args: str, timeout: float = 900, check: bool = True) -> str:
+    result = subprocess.run(args, cwd=folder, env=machine, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def test_dvc_remote_over_ssh_round_trip_and_refuses_altered_files(sshd, tmp_path):
+    machine = machine_env(sshd.home)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_on(repo, machine, "git", "init", "-q")
+    run_on(repo, machine, "dvc", "init", "-q")
+    (repo / "weights.bin").write_bytes(os.urandom(300_000))
+    run_on(repo, machine, "dvc", "add", "-q", "weights.bin")
+    run_on(repo, machine, "dvc", "remote", "add", "-d", "team", f"ssh://team-storage{sshd.storage}")
+    run_on(repo, machine, "dvc", "remote", "modify", "team", "verify", "true")
+    run_on(repo, machine, "git", "add", "-A")
+    run_on(repo, machine, "git", "commit", "-qm", "data")
+    run_on(repo, machine, "dvc", "push")
+    md5 = hashlib.md5((repo / "weights.bin").read_bytes()).hexdigest()
+    stored = sshd.storage / "files" / "md5" / md5[:2] / md5[2:]
+    assert stored.read_bytes() == (repo / "weights.bin").read_bytes()
+
+    run_on(tmp_path, machine, "git", "clone", "-q", str(repo), "clone")
+    run_on(tmp_path / "clone", machine, "dvc", "pull")
+    assert (tmp_path / "clone" / "weights.bin").read_bytes() == (repo / "weights.bin").read_bytes()
+
+    # verify=true: DVC checks what it downloads against dvc.lock's md5, so a remote (or anyone between it and
+    # us: DVC's SSH client does not check the server's host key) that serves other bytes is refused.
+    stored.chmod(0o644)
+    stored.write_bytes(os.urandom(300_000))
+    run_on(tmp_path, machine, "git", "clone", "-q", str(repo), "victim")
+    out = run_on(tmp_path / "victim", machine, "dvc", "pull", check=False)
+    assert not (tmp_path / "victim" / "weights.bin").exists(), out
+
+
+def check_complete_run(server: Server, run_id: str, project: Path, login: tuple[str, str]) -> None:
+    """The run `project`'s pipeline logged, read back through the REST API with `login`: finished, with
+    its params, metrics and artifacts (served only to a login), stored in PostgreSQL."""
+    base = server.base
+    run = api(base, f"2.0/mlflow/runs/get?run_id={run_id}", auth=login)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.lr"] == "0.01" and params["preprocess.max_train"] == "600"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["test_accuracy"] == json.loads((project / "metrics/eval.json").read_text())["test_accuracy"]
+    assert {"train_loss", "val/accuracy", "test_loss"} <= set(metrics)
+
+    # Artifacts go through the server, to logins only, into --artifacts-destination.
+    listed = api(base, f"2.0/mlflow/artifacts/list?run_id={run_id}&path=metrics", auth=login)["files"]
+    assert "metrics/eval.json" in {f["path"] for f in listed}
+    artifact_uri = run["info"]["artifact_uri"]
+    assert artifact_uri.startswith("mlflow-artifacts:/"), artifact_uri
+    location = artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
+    artifact_path = f"2.0/mlflow-artifacts/artifacts/{location}/metrics/eval.json"
+    assert call(base, artifact_path)[0] == 401
+    request = urllib.request.Request(f"{base}/api/{artifact_path}", headers={
+        "Authorization": "Basic " + base64.b64encode(":".join(login).encode()).decode()})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.read() == (project / "metrics/eval.json").read_bytes()
+    assert (server.folder / "artifacts" / location / "metrics/eval.json").read_bytes() == \
+        (project / "metrics/eval.json").read_bytes()
+    assert list((server.folder / "artifacts").rglob("MLmodel")), "the logged model is missing"
+
+    # The run is in PostgreSQL; the logins in their own database of the same cluster, as hashes.
+    import psycopg
+
+    with psycopg.connect(host=str(server.pgdata), port=5432, user="mlflow", dbname="mlflow", connect_timeout=10) as db:
+        assert db.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone() == ("FINISHED",)
+    with psycopg.connect(host=str(server.pgdata), port=5432, user="mlflow", dbname="mlflow_auth",
+                         connect_timeout=10) as db:
+        rows = db.execute("SELECT username, password_hash FROM users").fetchall()
+    assert {"admin", login[0]} <= {name for name, _ in rows}
+    assert not leaks([login[1], server.admin[1]], texts=[h for _, h in rows]), "a password is stored in clear"
+
+
+def exp_show(folder: Path, machine: dict) -> dict:
+    """{experiment name: its row of `dvc exp show --csv`}."""
+    text = run_on(folder, machine, "dvc", "exp", "show", "--csv", "--no-pager")
+    rows = csv.DictReader(io.StringIO(text[text.index("Experiment,"):]))
+    return {row["Experiment"]: row for row in rows if row["Experiment"]}
+
+
+@pytest.mark.slow
+def test_three_machines_share_experiments_through_git_ssh_and_mlflow(mlflow_server, users, sshd, tmp_path, mirror):
+    base = mlflow_server.base
+    # Each machine has its own HOME with the ssh config. alice and bob log in to MLflow through the
+    # environment, carol through ~/.mlflow/credentials (the README shows both).
+    homes = {name: tmp_path / f"home-{name}" for name in ("carol", "alice", "bob")}
+    for home in homes.values():
+        shutil.copytree(sshd.home, home)
+    (homes["carol"] / ".mlflow").mkdir()
+    credentials = homes["carol"] / ".mlflow" / "credentials"
+    credentials.write_text(f"[mlflow]\nmlflow_tracking_username = carol\nmlflow_tracking_password = {users['carol']}\n")
+    credentials.chmod(0o600)
+    machine = {name: machine_env(homes[name], None if name == "carol" else (name, users[name])) for name in homes}
+    origin = tmp_path / "origin.git"
+    sh(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
+    outputs = []
+
+    # carol sets the project up: the team's git and DVC remotes, tracking.uri committed, a baseline run.
+    carol = make_dvc_repo(tmp_path / "carol", {"data": {"mirrors": [str(mirror)]},
+                                               "tracking": {"enabled": True, "uri": base}})
+    for args in (("dvc", "remote", "add", "-d", "team", f"ssh://team-storage{sshd.storage}/tudui-dvc"),
+                 ("dvc", "remote", "modify", "team", "verify", "true"),
+                 ("dvc", "repro"),
+                 ("git", "add", "-A"), ("git", "commit", "-qm", "baseline"), ("git", "branch", "-M", "main"),
+                 ("git", "remote", "add", "origin", str(origin)), ("git", "push", "-q", "-u", "origin", "main"),
+                 ("dvc", "push")):
+        outputs.append(run_on(carol, machine["carol"], *args))
+    assert "warning: MLflow" not in "".join(outputs), outputs
+    baseline_run = json.loads((carol / "models/mlflow_run.json").read_text())["run_id"]
+    check_complete_run(mlflow_server, baseline_run, carol, ("carol", users["carol"]))
+
+    # alice and bob clone it, pull the data over SSH and run an experiment each, at the same time.
+    experiments = {"alice": ("alice-lr02", "0.02"), "bob": ("bob-lr05", "0.05")}
+    for name in experiments:
+        run_on(tmp_path, machine[name], "git", "clone", "-q", str(origin), name)
+        outputs.append(run_on(tmp_path / name, machine[name], "dvc", "pull"))
+        assert digests(tmp_path / name) == digests(carol)
+    procs = {}
+    try:
+        for name, (exp, lr) in experiments.items():
+            with open(tmp_path / f"{name}.out", "w") as log:
+                procs[name] = subprocess.Popen(["dvc", "exp", "run", "-n", exp, "-S", f"train.lr={lr}"],
+                                               cwd=tmp_path / name, env=machine[name], stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True)
+        for name, proc in procs.items():
+            proc.wait(timeout=1800)  # a safety net for a hung run, not a timing assumption
+    finally:
+        for proc in procs.values():
+            kill_session(proc)
+    for name, (exp, _) in experiments.items():
+        out = (tmp_path / f"{name}.out").read_text(errors="replace")
+        outputs.append(out)
+        assert procs[name].returncode == 0, out
+        assert "Running stage 'train'" in out and "warning" not in out, out
+        outputs.append(run_on(tmp_path / name, machine[name], "dvc", "exp", "push", "origin", exp))
+    results = {name: {"eval": json.loads((tmp_path / name / "metrics/eval.json").read_text()),
+                      "model": (tmp_path / name / "models/model.pt").read_bytes(),
+                      "run": json.loads((tmp_path / name / "models/mlflow_run.json").read_text())["run_id"]}
+               for name in experiments}
+    assert results["alice"]["model"] != results["bob"]["model"]
+
+    # carol pulls both experiments: dvc exp show lists them with their metrics.
+    cached_before = {p.name for p in files_under(carol / ".dvc" / "cache")}
+    outputs.append(run_on(carol, machine["carol"], "dvc", "exp", "pull", "origin"))
+    shown = exp_show(carol, machine["carol"])
+    for name, (exp, lr) in experiments.items():
+        assert exp in shown, shown.keys()
+        assert float(shown[exp]["test_accuracy"]) == pytest.approx(results[name]["eval"]["test_accuracy"], abs=1e-6)
+        assert shown[exp]["train.lr"] == lr
+
+    # dvc exp apply + dvc pull: alice's model, byte for byte, from the SSH remote (git holds no model bytes).
+    outputs.append(run_on(carol, machine["carol"], "dvc", "exp", "apply", "alice-lr02"))
+    outputs.append(run_on(carol, machine["carol"], "dvc", "pull"))
+    model = (carol / "models/model.pt").read_bytes()
+    assert model == results["alice"]["model"]
+    md5 = hashlib.md5(model).hexdigest()
+    assert md5[2:] not in cached_before
+    assert (sshd.storage / "tudui-dvc" / "files" / "md5" / md5[:2] / md5[2:]).read_bytes() == model
+    assert json.loads((carol / "metrics/eval.json").read_text()) == results["alice"]["eval"]
+
+    # All three logged to the one server, each with their own login: carol's baseline and the two experiments.
+    admin = mlflow_server.admin
+    experiment_id = api(base, "2.0/mlflow/experiments/get-by-name?experiment_name=tudui-pipeline",
+                        auth=admin)["experiment"]["experiment_id"]
+    runs = {r["info"]["run_id"]: r for r in api(base, "2.0/mlflow/runs/search", {"experiment_ids": [experiment_id],
+                                                                                 "max_results": 1000}, admin)["runs"]}
+    assert runs[baseline_run]["info"]["status"] == "FINISHED"
+    assert "test_accuracy" in {m["key"] for m in runs[baseline_run]["data"]["metrics"]}
+    for name, (exp, lr) in experiments.items():
+        run = runs[results[name]["run"]]
+        assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == exp
+        assert {p["key"]: p["value"] for p in run["data"]["params"]}["train.lr"] == lr
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert metrics["test_accuracy"] == results[name]["eval"]["test_accuracy"]
+
+    # No password anywhere: params, tags, artifacts, dvc.lock, workspaces, git history, the DVC remote,
+    # command output or the server's log.
+    passwords = [users[name] for name in homes] + [admin[1]]
+    for name in homes:
+        folder = tmp_path / name
+        refs = run_on(folder, machine[name], "git", "for-each-ref", "--format=%(objectname)").split()
+        grep = subprocess.run(["git", "grep", "-I", "-F", *[f"-e{p}" for p in passwords], *refs], cwd=folder,
+                              env=machine[name], capture_output=True, text=True, timeout=300)
+        assert grep.returncode == 1, grep.stdout[:2000] + grep.stderr  # 1: no match
+        assert (folder / "dvc.lock").exists()
+    texts = [*outputs, mlflow_server.log(),
+             *(json.dumps(run["data"].get("params", [])) + json.dumps(run["data"].get("tags", []))
+               for run in runs.values())]
+    found = leaks(passwords, files_under(*(tmp_path / name for name in homes), sshd.storage,
+                                         mlflow_server.folder / "artifacts"), texts)
+    assert not found, found

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, make_dvc_repo, run_stage, sh, wait_until_healthy, write_params
+from conftest import clean_env, free_port, make_dvc_repo, run_stage, sh, wait_until_healthy, write_params
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 TRACKING = {"tracking": {"enabled": True, "uri": ""}}
@@ -43,15 +43,16 @@ def test_stages_log_one_run(trained_project, tmp_path, monkeypatch):
     run_file = json.loads((folder / "models/mlflow_run.json").read_text())
     assert run_file["run_id"] == run.info.run_id and run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.01" and run.data.params["preprocess.max_train"] == "600"
-    assert run.data.tags["device"] == "cpu" and run.data.tags["torch_version"]
+    assert run.data.tags["device"] == "cpu" and run.data.tags["torch_version"] and run.data.tags["precision"]
+    assert run.info.run_name == "repro"  # not a git checkout: no commit to name it after
     eval_metrics = json.loads((folder / "metrics/eval.json").read_text())
     assert run.data.metrics["test_accuracy"] == eval_metrics["test_accuracy"]
-    assert run.data.metrics["test_accuracy/Ankle boot"] == eval_metrics["per_class_accuracy"]["Ankle boot"]
+    assert not [key for key in run.data.metrics if key.startswith("test_accuracy/")]  # per class: a table
     client = client_for(folder)
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in history] == [1]
     artifacts = {a.path for top in ("metrics", "export", "tensorboard") for a in client.list_artifacts(run.info.run_id, top)}
-    assert {"metrics/eval.json", "metrics/confusion.png", "export/MODEL_CARD.md"} <= artifacts
+    assert {"metrics/eval.json", "metrics/per_class.json", "metrics/confusion.png", "export/MODEL_CARD.md"} <= artifacts
     assert any(path.startswith("tensorboard/events.out.tfevents") for path in artifacts)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.artifact_location == (folder / "mlartifacts" / "tudui-pipeline").as_uri()
@@ -141,8 +142,12 @@ def test_parallel_queued_experiments_all_log_to_the_repo_root_store(exp_repo):
     variants = {"q-lr02": ("0.02", "1"), "q-lr03": ("0.03", "1"), "q-lr05-e2": ("0.05", "2"), "q-lr08": ("0.08", "1")}
     for name, (lr, epochs) in variants.items():
         sh(exp_repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", "-S", f"train.epochs={epochs}")
-    sh(exp_repo, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 1800  # a safety net for a hung queue, not a timing assumption
+    # The workers it spawns inherit its stdout: read through a pipe (sh), it would return only when the
+    # whole queue has run. Started with no pipes, it returns at once and the queue is polled below.
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=exp_repo, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=clean_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+    deadline = time.time() + 3600  # a safety net for a hung queue, not a timing assumption
     while time.time() < deadline:
         status = sh(exp_repo, "dvc", "queue", "status")
         if all(name in status for name in variants) and not any(w in status for w in ("Running", "Queued")):
@@ -166,32 +171,78 @@ def test_parallel_queued_experiments_all_log_to_the_repo_root_store(exp_repo):
     assert metrics_files(exp_repo) == alone
 
 
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
 @pytest.mark.slow
-def test_ui_serves_the_runs(trained_project, tmp_path):
-    folder = tmp_path / "project"
-    shutil.copytree(trained_project, folder)
-    write_params(folder, TRACKING)
-    assert run_stage(folder, "train").returncode == 0
+def test_a_repro_run_reads_back_as_the_mlflow_ui_expects(exp_repo, monkeypatch):
+    """A plain `dvc repro`, read back through the REST API of a real `mlflow server`: a name after the
+    commit, the source tags the UI shows, the data set as a run input (digest = DVC's md5 of
+    data/prepared), where it ran, the validation curves, system metrics and the per-class table."""
+    import yaml
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # a tiny training lasts seconds
+    sh(exp_repo, "dvc", "repro", "--force")
+    commit = sh(exp_repo, "git", "rev-parse", "HEAD", stdout_only=True).strip()
+    outs = yaml.safe_load((exp_repo / "dvc.lock").read_text())["stages"]["preprocess"]["outs"]
+    data_md5 = next(out["md5"] for out in outs if out["path"] == "data/prepared")
+    meta = json.loads((exp_repo / "data/prepared/meta.json").read_text())
+    env = json.loads((exp_repo / "metrics/train_env.json").read_text())
+    run_id = json.loads((exp_repo / "models/mlflow_run.json").read_text())["run_id"]
+
     port = free_port()
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
-    server = subprocess.Popen([mlflow_cli, "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+    server = subprocess.Popen([mlflow_cli, "server", "--backend-store-uri", f"sqlite:///{exp_repo / 'mlflow.db'}",
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until_healthy(base, server, 90)
-        request = urllib.request.Request(
-            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tudui-pipeline")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            experiment_id = json.load(response)["experiment"]["experiment_id"]
-        body = json.dumps({"experiment_ids": [experiment_id]}).encode()
-        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            runs = json.load(response)["runs"]
-        assert len(runs) == 1
-        params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
-        assert params["train.lr"] == "0.01"
+        wait_until_healthy(base, server, 300)
+        run = api(base, f"runs/get?run_id={run_id}")["run"]
+        assert run["info"]["run_name"] == f"repro-{commit[:7]}" and run["info"]["status"] == "FINISHED"
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["mlflow.source.name"] == "dvc.yaml" and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.git.commit"] == commit and tags["prepared_data_md5"] == data_md5
+        assert {tags["device"], tags["precision"], tags["threads"]} == {env["device"], env["precision"], str(env["threads"])}
+        (dataset,) = [d["dataset"] for d in run["inputs"]["dataset_inputs"]]
+        assert dataset["name"] == "fashion_mnist" and dataset["digest"] == data_md5
+        assert json.loads(dataset["profile"])["images"] == meta["counts"]
+        metrics = {m["key"] for m in run["data"]["metrics"]}
+        assert {"val/accuracy", "val/loss", "train_loss", "test_accuracy", "test_loss"} <= metrics
+        assert any(key.startswith("system/cpu_utilization") for key in metrics), metrics
+        history = api(base, f"metrics/get-history?run_id={run_id}&metric_key=val/accuracy")["metrics"]
+        assert [m["step"] for m in history] == [1]
+        listed = {f["path"] for f in api(base, f"artifacts/list?run_id={run_id}&path=metrics")["files"]}
+        assert "metrics/per_class.json" in listed
     finally:
         os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_exp_show_reads_at_a_glance(exp_repo):
+    """After several lr/epoch experiments, `dvc exp show --only-changed` fits 160 columns with the test
+    accuracy in full view, and the metrics it shows are the numbers people compare, nothing else."""
+    if len(sh(exp_repo, "dvc", "exp", "list", "--name-only", stdout_only=True).split()) < 3:
+        for name, lr in (("glance-a", "0.02"), ("glance-b", "0.05")):
+            sh(exp_repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
+    shown = json.loads(sh(exp_repo, "dvc", "exp", "show", "--json", stdout_only=True))
+    metrics = set()
+    for baseline in shown:
+        for rev in [baseline, *(exp for e in baseline.get("experiments") or [] for exp in e["revs"])]:
+            for path, content in ((rev.get("data") or {}).get("metrics") or {}).items():
+                metrics |= {f"{path}:{key}" for key in content["data"]}
+    assert metrics == {"metrics/train.json:" + k for k in ("epochs", "train_loss", "val_loss", "val_accuracy")} | {
+        "metrics/train_time.json:seconds", "metrics/train_time.json:images_per_s",
+        "metrics/eval.json:test_accuracy", "metrics/eval.json:test_loss"}
+    table = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=exp_repo, capture_output=True,
+                           text=True, env=clean_env(COLUMNS="160", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 160
+    header = "\n".join(lines[:4])
+    assert "test_accuracy" in header and "train.lr" in header, table.stdout

@@ -3,6 +3,7 @@ import copy
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,9 @@ def test_train_outputs(trained_project):
     rows = list(csv.DictReader((trained_project / "metrics/train_history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["val_accuracy"]) == metrics["val_accuracy"]
     speed = json.loads((trained_project / "metrics/train_time.json").read_text())
-    assert speed["device"] == "cpu" and speed["images_per_s"] > 0
+    assert set(speed) == {"seconds", "images_per_s"} and speed["images_per_s"] > 0  # numbers only: metrics
+    env = json.loads((trained_project / "metrics/train_env.json").read_text())
+    assert env == {"device": "cpu", "precision": env["precision"], "threads": env["threads"], "processes": 1}
 
     checkpoint = read_torch_file(trained_project / "models/checkpoint.pt")
     assert checkpoint["epoch"] == 1 and "optimizer" in checkpoint and checkpoint["fingerprint"]
@@ -147,3 +150,50 @@ def test_train_without_prepared_data_says_what_to_run(tmp_path):
     result = run_stage(tmp_path, "train")
     assert result.returncode == 2
     assert "run the preprocess stage first" in result.stderr and "Traceback" not in result.stderr
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.slow
+def test_metrics_follow_a_running_training_and_a_failed_one_puts_them_back(prepared_project, tmp_path):
+    """train rewrites its metrics files after every epoch, so `dvc exp show` and `dvc plots` follow a
+    running experiment: stopped (SIGSTOP, TUDUI_FAULT) in epoch 2, the files hold epoch 1. A training
+    that then fails puts the files of the previous run back: they describe models/model.pt."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, clean_env
+
+    folder = tmp_path / "live"
+    shutil.copytree(prepared_project, folder)
+    write_params(folder, {"train": {"epochs": 3}})
+    before = run_stage(folder, "train")  # a finished run: its metrics describe models/model.pt
+    assert before.returncode == 0, before.stderr
+    finished = {name: (folder / name).read_bytes() for name in ("metrics/train.json", "metrics/train_history.csv")}
+
+    write_params(folder, {"train": {"epochs": 3, "lr": 0.02}})
+    training = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=folder, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env=clean_env(PYTHONPATH=str(REPO), TUDUI_FAULT="sigstop@step=12"))  # 8 steps an epoch
+    try:
+        deadline = time.time() + 600  # a safety net for a hung process, not a timing assumption
+        while process_state(training.pid) != "T":
+            assert training.poll() is None, training.communicate()
+            assert time.time() < deadline, "training never reached step 12"
+            time.sleep(0.2)
+        rows = list(csv.DictReader((folder / "metrics/train_history.csv").open()))
+        assert [row["epoch"] for row in rows] == ["1"]
+        assert json.loads((folder / "metrics/train.json").read_text())["epochs"] == 1
+        training.send_signal(signal.SIGINT)  # delivered on SIGCONT: the training fails
+        training.send_signal(signal.SIGCONT)
+        _, stderr = training.communicate(timeout=600)
+    finally:
+        if training.poll() is None:
+            training.kill()
+    assert training.returncode == 130, stderr
+    for name, content in finished.items():
+        assert (folder / name).read_bytes() == content, name

@@ -4,6 +4,7 @@
     TUDUI_FAULT=sigint@step=25         ... SIGINT (Ctrl-C)
     TUDUI_FAULT=sigkill@checkpoint=2   killed while the 2nd checkpoint is written: its temporary file is
                                        complete, the rename has not happened yet
+    TUDUI_FAULT=sigstop@step=25        stopped (SIGSTOP) at step 25, until the test sends SIGCONT
 
 Unset (always, outside the tests) every call is a dictionary lookup and nothing else.
 """
@@ -13,7 +14,7 @@ import os
 import signal
 
 VARIABLE = "TUDUI_FAULT"
-SIGNALS = {"sigkill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}
+SIGNALS = {"sigkill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigstop": signal.SIGSTOP}
 
 
 def at(point: str, count: int) -> None:

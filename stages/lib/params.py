@@ -85,7 +85,7 @@ class Export(Section):
 
 class Tracking(Section):
     enabled: bool
-    uri: str
+    uri: str = Field(pattern=r"^[^@]*$")  # no user:password@host: it would be logged with the params
     experiment: str = Field(min_length=1)
     timeout_s: float = Field(gt=0)
     registered_model: str
@@ -147,8 +147,12 @@ MESSAGES = {
     "bool_type": "{key} must be true or false, {got}",
     "string_type": "{key} must be a string, {got}",
     "string_too_short": "{key} must be a non-empty string",
-    "string_pattern_mismatch": "{key} must be one of auto, cpu, cuda or cuda:N; got {value!r}",  # train.device
     "list_type": "{key} must be a list of folder paths or http(s) URLs, {got}",
+}
+PATTERN_MESSAGES = {  # the fields with a pattern
+    "train.device": "{key} must be one of auto, cpu, cuda or cuda:N; got {value!r}",
+    "tracking.uri": "{key} must not hold credentials (user:password@host): they would be logged with the params; "
+                    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead",
 }
 
 
@@ -168,7 +172,8 @@ def _message(error: dict) -> str:
     hint = ""
     if kind == "float_type" and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value):
         hint = " (a quoted number is text in YAML: remove the quotes)"
-    template = MESSAGES.get(kind, "{key}: " + error["msg"] + ", {got}")
+    template = PATTERN_MESSAGES.get(key) if kind == "string_pattern_mismatch" else MESSAGES.get(kind)
+    template = template or "{key}: " + error["msg"] + ", {got}"
     return template.format(key=key or "params", type=type(value).__name__, value=value,
                            got=f"got {type(value).__name__} {value!r}", **ctx) + hint
 

@@ -61,15 +61,43 @@ def prepared_data_md5(lock_path: Path = Path("dvc.lock")) -> str:
     return ""
 
 
-def run_tags(device: str) -> dict:
+def run_name() -> str:
+    """The DVC experiment's name under `dvc exp run`, else repro-<short git commit>."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    return os.environ.get("DVC_EXP_NAME") or (f"repro-{commit}" if commit else "repro")
+
+
+def run_tags(env: dict) -> dict:
+    """The run's tags: MLflow's own (its UI shows them as the run's source and commit), this project's
+    (git state, DVC experiment, data version) and where it ran (`env`: device, precision, threads)."""
     import torch
 
-    tags = {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": str(bool(_git("status", "--porcelain"))).lower(),
-            "prepared_data_md5": prepared_data_md5(), "device": device, "torch_version": torch.__version__}
+    commit = _git("rev-parse", "HEAD")
+    tags = {"mlflow.source.name": "dvc.yaml", "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": commit,
+            "mlflow.user": os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown",
+            "git_commit": commit, "git_dirty": str(bool(_git("status", "--porcelain"))).lower(),
+            "prepared_data_md5": prepared_data_md5(), "torch_version": torch.__version__,
+            **{key: str(value) for key, value in env.items()}}
     for var, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
         if os.environ.get(var):
             tags[tag] = os.environ[var]
-    return tags
+    return {key: value for key, value in tags.items() if value}
+
+
+def dataset_input(meta: dict):
+    """data/prepared as an MLflow dataset input: its name, DVC's md5 of the folder as the digest (else a
+    digest of the splits' sha256), where it lives, and the images per split; the runs table's "Dataset"
+    column shows it."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = prepared_data_md5() or hashlib.md5(json.dumps(meta["sha256"], sort_keys=True).encode()).hexdigest()
+    dataset = Dataset(name=meta["dataset"], digest=digest, source_type="local",
+                      source=json.dumps({"uri": str(project_root() / "data/prepared")}),
+                      profile=json.dumps({"images": meta["counts"], "classes": len(meta["classes"]),
+                                          "input_shape": meta["input_shape"]}))
+    return DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def version_tags(test_accuracy: float | None) -> dict:
@@ -80,6 +108,7 @@ def version_tags(test_accuracy: float | None) -> dict:
 
 
 SQLITE_RETRIES = 8  # about 15 s of pauses in all
+SYSTEM_METRICS_EVERY_S = 10  # seconds between samples of CPU and memory use during training
 
 
 def _sqlite_contention(exc: Exception, uri: str) -> bool:
@@ -92,7 +121,7 @@ class Tracker:
     """Logs to one MLflow run through MlflowClient; every method is a no-op once tracking is off."""
 
     def __init__(self, cfg, run_id: str | None = None):
-        self.cfg, self.run_id, self.client = cfg, run_id, None
+        self.cfg, self.run_id, self.client, self.monitor = cfg, run_id, None, None
 
     def _open(self) -> "Tracker":
         if self.cfg.enabled:
@@ -142,13 +171,29 @@ class Tracker:
                 return None
 
     @classmethod
-    def start(cls, cfg, params, device: str, run_id: str | None = None) -> "Tracker":
-        """Open a run for this training (or reopen `run_id`, the run a resumed training began); its id is
-        None when tracking is off or failing. train writes `record()` to RUN_FILE with its other outputs."""
+    def start(cls, cfg, params, env: dict, meta: dict, run_id: str | None = None) -> "Tracker":
+        """Open a run for this training (or reopen `run_id`, the run a resumed training began) and start
+        sampling the machine's CPU and memory into it; the id is None when tracking is off or failing.
+        train writes `record()` to RUN_FILE with its other outputs."""
         tracker = cls(cfg)._open()
         if tracker.client:
-            tracker.run_id = run_id if run_id and tracker._reopen(run_id) else tracker._create_run(params, device)
+            tracker.run_id = run_id if run_id and tracker._reopen(run_id) else tracker._create_run(params, env, meta)
+        if tracker.active:
+            tracker.monitor = tracker._guard(tracker._system_metrics)
         return tracker
+
+    def _system_metrics(self):
+        """MLflow's sampler of CPU, memory and disk (system/... metrics), in a background thread."""
+        import logging
+
+        import mlflow
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" lines
+        mlflow.set_tracking_uri(tracking_uri(self.cfg))
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_EVERY_S, samples_before_logging=1)
+        monitor.start()
+        return monitor
 
     def record(self) -> dict:
         """What RUN_FILE holds: the run evaluate and export add to."""
@@ -166,11 +211,16 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        # A parallel run may create it first: then this fails, and _guard retries and finds it.
         location = (project_root() / "mlartifacts" / name).as_uri() if uri.startswith("sqlite:") else None
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # a run on another machine or worker created it first: use that one
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
-    def _create_run(self, params, device: str) -> str | None:
+    def _create_run(self, params, env: dict, meta: dict) -> str | None:
         """A new run with its tags and params; each step guarded (and retried) on its own, so a retry
         never makes a second run."""
         from mlflow.entities import Param
@@ -178,12 +228,12 @@ class Tracker:
         experiment_id = self._guard(self._experiment_id)
         if experiment_id is None:
             return None
-        run = self._guard(self.client.create_run, experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None,
-                          tags=run_tags(device))
+        run = self._guard(self.client.create_run, experiment_id, run_name=run_name(), tags=run_tags(env))
         if run is None:
             return None
         params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in params.flat().items()]
         self._guard(self.client.log_batch, run.info.run_id, params=params)
+        self._guard(self.client.log_inputs, run.info.run_id, datasets=[dataset_input(meta)])
         return run.info.run_id if self.client else None
 
     @classmethod
@@ -203,6 +253,20 @@ class Tracker:
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
             self._guard(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_epoch(self, row: dict, seconds: float, images: int) -> None:
+        """One epoch's curves. The validation ones are named val/...: MLflow's chart view shows metric
+        sections (the part before "/") ahead of the rest, so a run's charts open with them."""
+        self.log_metrics({"val/accuracy": row["val_accuracy"], "val/loss": row["val_loss"],
+                          "train_loss": row["train_loss"], "epoch_seconds": seconds,
+                          "images_per_s": images / seconds}, step=row["epoch"])
+
+    def log_test(self, metrics: dict, per_class: list[dict], step: int) -> None:
+        """The test metrics, and per-class accuracy as a table (not ten metrics of one point each)."""
+        self.log_metrics(metrics, step=step)
+        if self.active:
+            columns = {key: [row[key] for row in per_class] for key in per_class[0]}
+            self._guard(self.client.log_table, self.run_id, data=columns, artifact_file="metrics/per_class.json")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
@@ -236,6 +300,9 @@ class Tracker:
         print(f"registered {version.name} version {version.version} (models:/{version.name}/{version.version})")
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self._guard(self.monitor.finish)
+            self.monitor = None
         if self.active:
             self._guard(self.client.set_terminated, self.run_id, status)
 

@@ -1,0 +1,107 @@
+"""`make screenshots`: pictures of this checkout's real runs for the README, taken with headless Chromium.
+
+    python scripts/screenshots.py [--out docs/images] [REV ...]
+
+- docs/images/mlflow-runs.png and mlflow-table.png: the MLflow UI's runs view (chart and table) of the
+  project's store (`mlflow.db`), served by `mlflow ui` on a free loopback port for the occasion;
+- docs/images/dvc-plots.png: `dvc plots diff` of the given revisions or experiments (default: the
+  workspace and every experiment of HEAD), drawn offline with scripts/offline_plots.py's template.
+
+Needs Debian's chromium (`apt-get install chromium`); without it, says so in one line and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+def screenshot(browser: str, url: str, out: Path, size: str, wait_ms: int) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
+                        f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url],
+                       check=True, capture_output=True, timeout=300)
+    print(f"wrote {out}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_pictures(browser: str, out: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from stages.lib.params import load_params
+    from stages.lib.tracking import tracking_uri
+
+    cfg = load_params(REPO / "params.yaml").tracking
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([Path(sys.executable).with_name("mlflow"), "ui", "--backend-store-uri", tracking_uri(cfg),
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("error: `mlflow ui` did not start")
+                time.sleep(1)
+        name = urllib.request.quote(cfg.experiment)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}") as r:
+            experiment = json.load(r)["experiment"]["experiment_id"]
+        runs = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning&compareRunsMode="
+        screenshot(browser, runs + "CHART", out / "mlflow-runs.png", "1600,1000", 30000)
+        screenshot(browser, runs + "TABLE", out / "mlflow-table.png", "1600,560", 30000)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def dvc_plots_picture(browser: str, out: Path, revisions: list[str]) -> None:
+    if not revisions:
+        listed = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=REPO, capture_output=True, text=True)
+        revisions = ["workspace", *listed.stdout.split()]
+    template = REPO / ".dvc/tmp/plots_offline.html"
+    if not template.is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts/offline_plots.py")], cwd=REPO, check=True)
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run(["dvc", "plots", "diff", *revisions, "--html-template", str(template), "-o", folder],
+                       cwd=REPO, check=True, capture_output=True)
+        screenshot(browser, (Path(folder) / "index.html").as_uri(), out / "dvc-plots.png", "1400,1300", 20000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("revisions", nargs="*", help="revisions or experiments for dvc plots diff")
+    parser.add_argument("--out", type=Path, default=REPO / "docs/images")
+    args = parser.parse_args()
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        sys.exit("error: chromium is not installed (apt-get install chromium); no screenshots taken")
+    args.out.mkdir(parents=True, exist_ok=True)
+    mlflow_pictures(browser, args.out)
+    dvc_plots_picture(browser, args.out, args.revisions)
+
+
+if __name__ == "__main__":
+    main()
