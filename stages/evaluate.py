@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from stages.lib.data import load_split
-from stages.lib.engine import evaluate, resolve_device, set_threads
+from stages.lib.engine import evaluate, resolve_device, set_threads, use_bf16
 from stages.lib.errors import run
 from stages.lib.files import json_bytes, write_files
 from stages.lib.loader import BatchLoader
@@ -79,7 +79,8 @@ def main(args) -> None:
     model = model.to(memory_format=torch.channels_last)
     images, labels = load_split("test", device=device)
     began = time.perf_counter()
-    result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)))
+    result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)),
+                      bf16=use_bf16(params.evaluate.precision, device))
     seconds = time.perf_counter() - began
     classes = model_file.classes
     metrics = split_metrics(labels, result["predictions"], classes, result["loss"])
