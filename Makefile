@@ -1,6 +1,7 @@
 # make run   — set up .venv and the data mirror, then rebuild the whole pipeline with `dvc repro`
 # make test  — the test suite (what CI runs)
-# make bench — the tutorial's loop vs the train stage vs the fast recipe (benchmarks/results/)
+# make bench — the tutorial's loop vs the train stage vs the fast recipes, 3 seeds (benchmarks/results/);
+#              make bench DEVICE=cuda: the same on a GPU, plus CIFAR-10
 # make fast-recipe — the fast recipe as a DVC experiment
 # make reproduce — rebuild everything from scratch and compare with the committed run
 # make mlflow-server — a shared MLflow tracking server on PostgreSQL (Ctrl-C stops it)
@@ -29,10 +30,12 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The tutorial's loop vs the train stage vs the fast recipe, in one run; BENCH_ARGS="--epochs 2" shortens it.
+# The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run; DEVICE=cuda runs every
+# route on the GPU and adds the CIFAR-10 route (data.mirrors); BENCH_ARGS="--seeds 1 --epochs 2" shortens it.
+DEVICE ?= auto
 bench: setup
 	dvc repro download
-	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench.py --device $(DEVICE) $(BENCH_ARGS)
 
 # The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace.
 fast-recipe: setup
