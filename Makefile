@@ -1,6 +1,7 @@
 # make run   — set up .venv and the data mirror, then rebuild the whole pipeline with `dvc repro`
 # make test  — the test suite (what CI runs)
-# make bench — the tutorial's loop vs the train stage vs the fast recipe, then the served model (benchmarks/results/)
+# make bench — the tutorial's loop vs the train stage vs the fast recipes, 3 seeds, then the served model
+#              (benchmarks/results/); make bench DEVICE=cuda: the same on a GPU, plus CIFAR-10
 # make fast-recipe — the fast recipe as a DVC experiment
 # make reproduce — rebuild everything from scratch and compare with the committed run
 # make plots — dvc plots show, offline (dvc_plots/index.html)
@@ -36,10 +37,12 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The tutorial's loop vs the train stage vs the fast recipe, in one run; BENCH_ARGS="--epochs 2" shortens it.
+# The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run; DEVICE=cuda runs every
+# route on the GPU and adds the CIFAR-10 route (data.mirrors); BENCH_ARGS="--seeds 1 --epochs 2" shortens it.
+DEVICE ?= auto
 bench: setup
 	dvc repro download
-	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench.py --device $(DEVICE) $(BENCH_ARGS)
 	$(MAKE) bench-serve
 
 # The served model over HTTP, ONNX Runtime and PyTorch inside the pyfunc: latency of one image, throughput

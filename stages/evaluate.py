@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stages.lib.data import load_split
-from stages.lib.engine import evaluate, resolve_device, set_threads
+from stages.lib.engine import evaluate, resolve_device, set_threads, use_bf16
 from stages.lib.errors import run
 from stages.lib.files import json_bytes, write_files
 from stages.lib.loader import BatchLoader
@@ -87,7 +87,8 @@ def main(args) -> None:
     model = model.to(memory_format=torch.channels_last)
     images, labels = load_split("test", device=device)
     began = time.perf_counter()
-    result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)))
+    result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)),
+                      bf16=use_bf16(params.evaluate.precision, device))
     seconds = time.perf_counter() - began
     metrics = {"test_accuracy": round(result["accuracy"], 6), "test_loss": round(result["loss"], 6)}
     classes = per_class(labels, result["predictions"], model_file.classes)

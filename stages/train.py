@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.lib import distributed, faults
-from stages.lib.data import load_meta, load_split
+from stages.lib.data import load_meta, load_split, training_images
 from stages.lib.distributed import SINGLE, Group
 from stages.lib.engine import (WeightAverage, evaluate, learning_rate, resolve_device, set_threads, train_one_epoch,
                                use_bf16)
@@ -232,6 +232,7 @@ def metrics_files(history: list[dict], epoch_seconds: list[float], n_train: int,
 def train_stage(params: Params, meta: dict, group: Group, device: torch.device) -> None:
     threads = set_threads(params.threads, group.local_world)
     data = {name: load_split(name, device=device) for name in ("train", "val")}
+    data["train"] = training_images(data, params.train.train_on_val)
     expect = fingerprint(params, meta)
     resume = try_resume(CHECKPOINT_PATH, expect, params.train.epochs, print if group.main else QUIET.print)
     if resume is None and params.model.pretrained:

@@ -1,35 +1,112 @@
 """benchmarks/bench.py end to end on a tiny budget: every route really trains and the report is complete.
 (The speed targets themselves are measured by `make bench`, never asserted in tests.)"""
+import io
 import json
+import pickle
 import subprocess
 import sys
+import tarfile
 
+import numpy as np
 import pytest
 import yaml
 
 from conftest import REPO, clean_env
 
+BENCH = str(REPO / "benchmarks/bench.py")
+
+
+def bench(*args, timeout=900):
+    return subprocess.run([sys.executable, BENCH, *args], env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
 
 @pytest.mark.slow
-def test_benchmark_runs_every_route_and_writes_the_report(mirror, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench.py"), "--raw", str(mirror), "--epochs", "2",
-                             "--limit", "1000", "--test-limit", "300", "--fast-epochs", "2", "--fast-short-epochs", "1",
-                             "--set", "train.batch_size=64", "--out", str(tmp_path)],
-                            env=clean_env(), capture_output=True, text=True, timeout=600)
+def test_benchmark_runs_every_route_with_seeds_and_writes_the_report(mirror, tmp_path):
+    result = bench("--raw", str(mirror), "--device", "cpu", "--seeds", "2", "--epochs", "2", "--limit", "1000",
+                   "--test-limit", "300", "--fast-epochs", "2", "--fast-short-epochs", "1",
+                   "--set", "train.batch_size=64", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "results.json").read_text())
     summary = {s["route"]: s for s in report["summary"]}
-    assert list(summary) == ["reference", "project", "fast-short", "fast"]
+    assert list(summary) == ["reference", "project", "fast-short", "fast"]  # cifar10 runs by default on CUDA only
     assert [summary[r]["epochs"] for r in summary] == [2, 2, 1, 2]
     for s in summary.values():
-        assert s["images_per_s"] > 0 and s["peak_rss_mb"] > 100 and len(s["accuracy_per_epoch"]) == s["epochs"]
-        assert all(0 <= a <= 1 for a in s["accuracy_per_epoch"])
-    assert report["raw"]["fast"]["epochs"][0]["images"] == 1000
-    assert summary["fast"]["accuracy_per_epoch"][-1] > 0.5  # 1,000 images, 2 epochs: far above chance (0.1)
+        assert s["seeds"] == [0, 1] and len(s["per_seed"]) == 2
+        acc = s["test_accuracy"]
+        assert acc["min"] <= acc["mean"] <= acc["max"] and acc["sd"] >= 0
+        assert acc["mean"] == pytest.approx(sum(r["test_accuracy"] for r in s["per_seed"]) / 2)
+        for run in s["per_seed"]:
+            assert run["images_per_s"] > 0 and run["peak_rss_mb"] > 100 and len(run["accuracy_per_epoch"]) == run["epochs"]
+            assert all(0 <= a <= 1 for a in run["accuracy_per_epoch"])
+    # two seeds are two different trainings (init, order, augmentation), on the same split
+    assert report["raw"]["fast"][0]["epochs"] != report["raw"]["fast"][1]["epochs"]
+    assert report["raw"]["fast"][0]["epochs"][0]["images"] == 1000  # --limit
+    assert summary["fast"]["test_accuracy"]["min"] > 0.5  # 1,000 images, 2 epochs: far above chance (0.1)
+    evaluated = summary["fast"]["evaluate"]
+    assert evaluated["fp32"]["accuracy"]["mean"] == pytest.approx(summary["fast"]["per_seed"][0]["test_accuracy"])
+    assert abs(evaluated["bf16"]["accuracy"]["mean"] - evaluated["fp32"]["accuracy"]["mean"]) < 0.05
     assert set(report["checks"]) >= {"project/reference throughput", "project - reference test accuracy",
-                                     "fast: time to 93.00% / reference elapsed"}
+                                     "fast: test accuracy, mean of the seeds", "fast: test accuracy, worst seed",
+                                     "fast: elapsed / reference elapsed", "evaluate: bf16 - fp32 test accuracy"}
     table = (tmp_path / "results.md").read_text()
-    assert "| reference | 2 |" in table and "| fast | 2 |" in table
+    assert "| reference | 2 | 2 |" in table and "| fast | 2 | 2 |" in table and "fast seed 1:" in table
+    assert "| bf16 |" in table
+
+
+def learnable_cifar_batch(n, seed):
+    """CIFAR-shaped images whose class shows whatever the flips and crops: class k has its own colour (+ noise)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    palette = np.array([[r, g, b] for r in (40, 200) for g in (40, 200) for b in (40, 120, 200)][:10], dtype=np.uint8)
+    images = palette[labels][:, :, None, None] + rng.integers(0, 40, (n, 3, 32, 32), dtype=np.uint8)
+    return {"labels": labels.tolist(), "data": images.reshape(n, 3072), "batch_label": f"batch {seed}"}
+
+
+def make_learnable_cifar(path, per_batch):
+    members = {f"cifar-10-batches-py/data_batch_{i}": learnable_cifar_batch(per_batch, i) for i in range(1, 6)}
+    members["cifar-10-batches-py/test_batch"] = learnable_cifar_batch(per_batch, 9)
+    members["cifar-10-batches-py/batches.meta"] = {"label_names": [f"c{i}" for i in range(10)]}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            data = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_cifar10_route_on_the_gpu_path_runs_on_a_cpu(mirror, tmp_path):
+    """The route `make bench DEVICE=cuda` adds, run on the CPU with a fabricated CIFAR-10 found through the
+    mirror: the real data path (fetch from the mirror, md5, unpickle, split), the airbench net and its
+    recipe, the data resident on the device and augmented there."""
+    from stages.lib.files import md5_file
+
+    mirror_dir = tmp_path / "mirror"
+    mirror_dir.mkdir()
+    make_learnable_cifar(mirror_dir / "cifar-10-python.tar.gz", per_batch=40)
+    recipe = yaml.safe_load((REPO / "benchmarks/cifar10_recipe.yaml").read_text())
+    assert recipe["data.dataset"] == "cifar10" and recipe["model.name"] == "airbench"
+    result = bench("--raw", str(mirror), "--device", "cpu", "--routes", "cifar10", "--seeds", "1",
+                   "--cifar-mirror", str(mirror_dir), "--set", "preprocess.val_size=20", "--set", "train.epochs=2",
+                   "--set", "train.batch_size=32", "--set", "train.lr=0.05", "--set",
+                   f"data.md5={md5_file(mirror_dir / 'cifar-10-python.tar.gz')}", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert f"cifar10: the real CIFAR-10 from {mirror_dir}" in result.stdout
+    report = json.loads((tmp_path / "out/results.json").read_text())
+    (cifar,) = report["summary"]
+    assert cifar["route"] == "cifar10" and cifar["epochs"] == 2
+    assert report["raw"]["cifar10"][0]["epochs"][0]["images"] == 200  # 5 × 40, the 20 validation images included
+    assert cifar["test_accuracy"]["mean"] > 0.3  # chance: 0.1
+    assert "cifar10: test accuracy and elapsed" in report["checks"]
+
+
+def test_cifar10_route_is_skipped_with_a_note_without_a_copy(mirror, tmp_path):
+    result = bench("--raw", str(mirror), "--device", "cpu", "--routes", "cifar10", "--cifar-mirror",
+                   str(tmp_path / "nothing-here"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "cifar10 skipped: no CIFAR-10 copy reachable through" in result.stdout
+    assert not (tmp_path / "out/results.json").exists()
 
 
 def test_readme_states_the_fast_recipe_exactly_as_the_preset():
@@ -39,3 +116,16 @@ def test_readme_states_the_fast_recipe_exactly_as_the_preset():
     line = next(line for line in readme.splitlines() if line.startswith("dvc exp run -n fast-recipe"))
     flags = dict(flag.split("=", 1) for flag in line.split(" -S ")[1:])
     assert {k: yaml.safe_load(v) for k, v in flags.items()} == preset
+    printed = subprocess.run([sys.executable, BENCH, "--print-recipe"], capture_output=True, text=True, check=True)
+    assert printed.stdout.strip() == line.split(" ", 5)[5]
+
+
+@pytest.mark.parametrize("name", ["fast_recipe", "fast_short_recipe", "cifar10_recipe"])
+def test_every_recipe_is_valid_params(name):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench as bench_module
+
+    route = {"fast_recipe": "fast", "fast_short_recipe": "fast-short", "cifar10_recipe": "cifar10"}[name]
+    params = bench_module.project_params(route, None, 0, "cpu")
+    recipe = bench_module.preset(route)
+    assert {k: params.flat()[k] for k in recipe} == recipe

@@ -77,3 +77,39 @@ def test_fast_cnn_layers_pool_after_each_stage_last_conv():
         "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)  # 28 -> 14 -> 7 -> 3, then the global max
     assert net(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_pool_first_nets_pool_after_each_stages_first_conv():
+    """fast_cnn6 and airbench (airbench's order): conv, pool, BN, ReLU, then the stage's other conv at the
+    pooled size; fast_cnn keeps its pool after the stage's last conv."""
+    net = build_model(model_config("fast_cnn6", [1, 28, 28], 10))
+    sizes, x = [], torch.zeros(2, 1, 28, 28)
+    for layer in net.features:
+        x = layer(x)
+        if isinstance(layer, nn.Conv2d):
+            sizes.append(x.shape[-1])
+    assert sizes == [28, 14, 14, 7, 7, 3] and net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    airbench = build_model(model_config("airbench", [3, 32, 32], 10))
+    assert [m.out_channels for m in airbench.features if isinstance(m, nn.Conv2d)] == [64, 64, 256, 256, 256, 256]
+    old = FastCNN(1, 10, [8, 16], [2, 1])  # a model file written before `pool` existed rebuilds as it was
+    assert [type(m).__name__ for m in old.features][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+
+
+def test_evaluate_in_bf16_close_to_fp32_and_leaves_an_enclosing_autocast_alone():
+    from stages.lib.engine import evaluate, use_bf16
+    from stages.lib.loader import BatchLoader, make_normalizer
+
+    torch.manual_seed(0)
+    net = FastCNN(1, 10, [8, 16, 32], [1, 1, 1]).eval()
+    images, labels = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (64,))
+    loader = BatchLoader(images, labels, 32, make_normalizer([0.3], [0.3], "cpu"))
+    fp32, bf16 = evaluate(net, loader), evaluate(net, loader, bf16=True)
+    assert fp32["loss"] == pytest.approx(bf16["loss"], rel=0.05) and fp32["loss"] != bf16["loss"]
+
+    seen = []
+    net.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fit validates a bf16-trained net under its autocast
+        evaluate(net, loader)
+    assert set(seen) == {torch.bfloat16}
+    assert use_bf16("fp32", torch.device("cpu")) is False and use_bf16("bf16", torch.device("cpu")) is True
+    assert use_bf16("auto", torch.device("cpu")) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

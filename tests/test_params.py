@@ -27,7 +27,7 @@ def test_committed_params_are_valid():
     ({"train": {"batch_size": True}}, "train.batch_size must be an integer, got bool"),
     ({"train": {"device": "tpu"}}, "train.device must be one of auto, cpu, cuda or cuda:N"),
     ({"data": {"dataset": "imagenet"}}, "data.dataset must be one of fashion_mnist, mnist, cifar10, imagefolder; got 'imagenet'"),
-    ({"model": {"name": "vgg99"}}, "model.name must be one of cifar10_quick, fast_cnn, vgg16, resnet18; got 'vgg99'"),
+    ({"model": {"name": "vgg99"}}, "model.name must be one of cifar10_quick, fast_cnn, fast_cnn6, fast_cnn_small, airbench, vgg16, resnet18; got 'vgg99'"),
     ({"data": {"mirrors": "/tmp"}}, "data.mirrors must be a list"),
     ({"data": {"mirrors": ["/tmp", ""]}}, "data.mirrors.1 must be a non-empty string"),
     ({"train": {"device": "cuda:x"}}, "train.device must be one of auto, cpu, cuda or cuda:N; got 'cuda:x'"),

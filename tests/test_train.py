@@ -197,3 +197,19 @@ def test_metrics_follow_a_running_training_and_a_failed_one_puts_them_back(prepa
     assert training.returncode == 130, stderr
     for name, content in finished.items():
         assert (folder / name).read_bytes() == content, name
+
+
+def test_train_on_val_fits_every_labelled_image(prepared_project, tmp_path):
+    from stages.lib.data import training_images
+
+    x, y = torch.zeros(5, 1, 2, 2), torch.arange(5)
+    vx, vy = torch.ones(2, 1, 2, 2), torch.tensor([7, 8])
+    assert training_images({"train": (x, y), "val": (vx, vy)}, False) == (x, y)
+    both = training_images({"train": (x, y), "val": (vx, vy)}, True)
+    assert torch.equal(both[1], torch.tensor([0, 1, 2, 3, 4, 7, 8])) and both[0][5:].eq(1).all()
+
+    shutil.copytree(prepared_project / "data", tmp_path / "data")
+    write_params(tmp_path, {"train": {"train_on_val": True}})  # SMALL: 600 images, 100 of them val
+    result = run_stage(tmp_path, "train")
+    assert result.returncode == 0, result.stderr
+    assert "600 train / 100 val images" in result.stdout

@@ -33,6 +33,15 @@ def load_split(name: str, folder: Path = PREPARED_DIR, device: torch.device | st
     return images.to(device), labels.to(device)
 
 
+def training_images(data: dict, train_on_val: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What training fits: data["train"], with data["val"] appended when `train_on_val` (train.train_on_val:
+    a final fit on every labelled image, e.g. all 60,000 of Fashion-MNIST's)."""
+    if not train_on_val:
+        return data["train"]
+    (x, y), (vx, vy) = data["train"], data["val"]
+    return torch.cat([x, vx]), torch.cat([y, vy])
+
+
 def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """N×H×W or N×C×H×W uint8 -> N×C×H'×W', zero-padded evenly up to size×size (28 -> 32 pads 2 on
     each side). Images already that large are left as they are."""

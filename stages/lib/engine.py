@@ -2,6 +2,7 @@
 precision, learning-rate schedule and the weight average."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Callable
@@ -39,8 +40,10 @@ def set_threads(requested: int, local_processes: int = 1) -> int:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether training runs under bfloat16 autocast. auto: on GPUs and CPUs with native bf16 arithmetic
-    (AVX512-BF16 or AMX; there it is ~1.7× faster than float32 for these nets), float32 elsewhere."""
+    """Whether training (train.precision) or evaluate's inference (evaluate.precision) runs under
+    bfloat16 autocast. auto: on GPUs and CPUs with native bf16 arithmetic (AVX512-BF16 or AMX; there it
+    is ~1.7× faster than float32 for these nets), float32 elsewhere; bf16 forces it (emulated, slowly,
+    on a CPU without native bf16)."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
@@ -119,13 +122,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader) -> dict:
-    """Mean cross-entropy, accuracy and every prediction over the loader's batches, in order."""
+def evaluate(model: nn.Module, loader, bf16: bool = False) -> dict:
+    """Mean cross-entropy, accuracy and every prediction over the loader's batches, in order; `bf16` runs
+    the forward passes under bfloat16 autocast (evaluate.precision, see use_bf16), the loss in float32."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss, predictions, labels = 0.0, [], []
     for x, y in loader:
-        logits = model(x)
+        # no autocast context at all without bf16: a disabled one would switch off an enclosing one (fit's)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            logits = model(x)
         total_loss += loss_fn(logits.float(), y).item()
         predictions.append(logits.argmax(1))
         labels.append(y)

@@ -46,21 +46,23 @@ class Tudui(nn.Module):
 
 
 class FastCNN(nn.Module):
-    """The fast recipe's net: the tutorial's three conv + max-pool stages with 3×3 kernels, BatchNorm and
+    """The fast recipes' nets: the tutorial's three conv + max-pool stages with 3×3 kernels, BatchNorm and
     ReLU (the tutorial net has no nonlinearity but its max-pools), then a global max-pool and one Linear.
 
     Stage i: `convs[i]` 3×3 convs with `widths[i]` channels, each followed by BN and ReLU, with the
-    stage's 2×2 max-pool right after its last conv (before BN and ReLU, as airbench does: the same net up
-    to BN's sign, and a quarter of the memory traffic, which is what limits these layers on a CPU).
+    stage's 2×2 max-pool right after one of its convs, before BN and ReLU (as airbench does: the same net
+    up to BN's sign, and a quarter of the memory traffic, which is what limits these layers on a CPU).
+    `pool`: after the stage's last conv ("last", fast_cnn) or its first ("first", airbench's order: the
+    stage's other convs then run at a quarter of the pixels).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs: list[int]):
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs: list[int], pool: str = "last"):
         super().__init__()
         layers, channels = [], in_channels
         for width, count in zip(widths, convs):
             for index in range(count):
                 layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=False))
-                if index == count - 1:
+                if index == (0 if pool == "first" else count - 1):
                     layers.append(nn.MaxPool2d(2))
                 layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
                 channels = width
@@ -91,7 +93,8 @@ def tudui(config: dict, pretrained: bool) -> Tudui:
 
 
 def fast_cnn(config: dict, pretrained: bool) -> FastCNN:
-    return FastCNN(config["in_channels"], config["num_classes"], config["widths"], config["convs"])
+    return FastCNN(config["in_channels"], config["num_classes"], config["widths"], config["convs"],
+                   config.get("pool", "last"))
 
 
 def vgg16(config: dict, pretrained: bool) -> nn.Module:
@@ -145,6 +148,15 @@ MODELS = {
     "cifar10_quick": ModelEntry(tudui, head="model.8", multiple_of=8),
     "fast_cnn": ModelEntry(fast_cnn, head="head", min_size=8,
                            options=lambda shape: {"widths": [32, 64, 128], "convs": [1, 1, 2]}),
+    # the fast recipe's: six convs, two a stage, airbench's pool order; about the cost of fast_cnn per image
+    "fast_cnn6": ModelEntry(fast_cnn, head="head", min_size=8,
+                            options=lambda shape: {"widths": [32, 64, 128], "convs": [2, 2, 2], "pool": "first"}),
+    # the short recipe's: fast_cnn at half the width with one conv a stage, ~3× cheaper per image
+    "fast_cnn_small": ModelEntry(fast_cnn, head="head", min_size=8,
+                                 options=lambda shape: {"widths": [16, 32, 64], "convs": [1, 1, 1]}),
+    # the CIFAR-10 GPU recipe's: airbench94's layout (64/256/256 channels, two convs a stage, pool first)
+    "airbench": ModelEntry(fast_cnn, head="head", min_size=8,
+                           options=lambda shape: {"widths": [64, 256, 256], "convs": [2, 2, 2], "pool": "first"}),
     "vgg16": ModelEntry(vgg16, head="classifier.6", min_size=32, weights="vgg16-397923af.pth"),
     "resnet18": ModelEntry(resnet18, head="fc", weights="resnet18-f37072fd.pth",
                            options=lambda shape: {"small_input_stem": min(shape[1:]) < 64}),

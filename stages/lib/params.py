@@ -72,10 +72,12 @@ class Train(Section):
     log_every: int = Field(ge=1)
     augment_crop: int = Field(ge=0)
     augment_flip: bool
+    train_on_val: bool
 
 
 class Evaluate(Section):
     batch_size: int = Field(ge=1)
+    precision: Literal["auto", "bf16", "fp32"]
 
 
 class Export(Section):
