@@ -362,6 +362,14 @@ def fetch_cifar(args) -> tuple[Path | None, str]:
     return dest, source
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def seed_list(text: str) -> list[int]:
     """"3" -> [0, 1, 2]; "3,4" -> [3, 4]; "2," -> [2]."""
     if "," not in text:
@@ -420,7 +428,7 @@ def main() -> None:
             notes.append(f"cifar10: the real CIFAR-10 from {source}")
         print(notes[-1], flush=True)
 
-    machine = (f"{platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores, {args.threads} threads, "
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, "
                f"native bf16: {'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}, torch {torch.__version__}, "
                f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
                f"{time.strftime('%Y-%m-%d')}, load average before {os.getloadavg()[0]:.1f}")
