@@ -1,6 +1,7 @@
 """Serving benchmark: the served model over HTTP, with ONNX Runtime and with PyTorch inside the pyfunc.
 
-    python benchmarks/serve_bench.py [--project .] [--requests 300] [--batches 20] [--out benchmarks/results]
+    python benchmarks/serve_bench.py [--project .] [--requests 300] [--batches 20] [--threads 1,2]
+                                     [--out benchmarks/results]
 
 Needs the pipeline's outputs (`dvc repro export`): models/model.pt, models/export/model.onnx and the
 prepared test split, whose images are sent as PNG files, base64-encoded, the way a client would. Builds
@@ -39,8 +40,8 @@ BATCH = 256
 TARGETS = {"p50_ms": 20.0, "images_per_s": 1000.0}  # issue 12, on this project's 2-core CPU
 
 
-def build_models(project: Path, folder: Path) -> tuple[dict, list[str]]:
-    """{backend: served MLflow model folder}, and BATCH test images as base64 PNG files."""
+def build_models(project: Path, folder: Path, variants: list[tuple[str, int]]) -> tuple[dict, list[str]]:
+    """{(backend, threads): served MLflow model folder}, and BATCH test images as base64 PNG files."""
     import mlflow.pyfunc
 
     from stages.lib.data import load_split
@@ -52,12 +53,15 @@ def build_models(project: Path, folder: Path) -> tuple[dict, list[str]]:
     prepared, _ = load_split("test", project / "data/prepared")
     raw = unpad(prepared[:BATCH], model_file.input["size"])
     images = [b64(png_bytes(image)) for image in raw]
-    save_program(model_file.raw_net(model), raw[:2], folder / "model.pt2")
+    artifacts = {"onnxruntime": project / "models/export/model.onnx", "pytorch": folder / "model.pt2"}
+    if any(backend == "pytorch" for backend, _ in variants):
+        save_program(model_file.raw_net(model), raw[:2], artifacts["pytorch"])
     models = {}
-    for backend, artifact in (("onnxruntime", project / "models/export/model.onnx"), ("pytorch", folder / "model.pt2")):
-        models[backend] = folder / backend
-        mlflow.pyfunc.save_model(str(models[backend]), **model_spec(artifact, model_file.classes, model_file.input,
-                                                                    png_bytes(raw[0])))
+    for backend, threads in variants:
+        models[backend, threads] = folder / f"{backend}-{threads}"
+        spec = model_spec(artifacts[backend], model_file.classes, model_file.input, png_bytes(raw[0]))
+        spec["model_config"]["threads"] = threads
+        mlflow.pyfunc.save_model(str(models[backend, threads]), **spec)
     return models, images
 
 
@@ -91,9 +95,10 @@ def serve(folder: Path, port: int, log: Path) -> subprocess.Popen:
             if connection.getresponse().status == 200:
                 return server
         except OSError:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited:\n{log.read_text()[-2000:]}")
-            time.sleep(0.5)
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log.read_text()[-2000:]}")
+        time.sleep(0.5)
     raise SystemExit(f"no /health after 300 s:\n{log.read_text()[-2000:]}")
 
 
@@ -109,7 +114,7 @@ def measure(send, images: list[str], requests: int, batches: int) -> dict:
             "images_per_s": round(batches * len(images) / seconds, 0)}
 
 
-def bench_backend(backend: str, folder: Path, images: list[str], args) -> dict:
+def bench_backend(backend: str, threads: int, folder: Path, images: list[str], args) -> dict:
     import mlflow.pyfunc
     import pandas as pd
 
@@ -124,7 +129,7 @@ def bench_backend(backend: str, folder: Path, images: list[str], args) -> dict:
     local = measure(in_process, images, args.requests, args.batches)
     del model
     port = args.port
-    log = args.out / f"serve_{backend}.log"
+    log = args.out / f"serve_{backend}{'' if threads == 1 else f'_{threads}threads'}.log"
     server = serve(folder, port, log)
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -140,24 +145,24 @@ def bench_backend(backend: str, folder: Path, images: list[str], args) -> dict:
     finally:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=120)
-    return {"backend": backend, "http": remote, "in_process": local}
+    return {"backend": backend, "threads": threads, "http": remote, "in_process": local}
 
 
 def markdown(results: list[dict], machine: str, load: str) -> str:
     lines = [f"Machine: {machine}", f"Load average (1 min) before/after: {load}", "",
-             f"| pyfunc runtime | HTTP p50 ms (1 image) | HTTP p99 ms | HTTP images/s ({BATCH} a request) | "
+             f"| pyfunc runtime | threads | HTTP p50 ms (1 image) | HTTP p99 ms | HTTP images/s ({BATCH} a request) | "
              f"in-process p50 ms | in-process images/s |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         h, p = r["http"], r["in_process"]
-        lines.append(f"| {r['backend']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['images_per_s']:,.0f} | "
+        lines.append(f"| {r['backend']} | {r['threads']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['images_per_s']:,.0f} | "
                      f"{p['p50_ms']:.1f} | {p['images_per_s']:,.0f} |")
     lines += ["", f"Targets: p50 ≤ {TARGETS['p50_ms']:.0f} ms for one image, ≥ {TARGETS['images_per_s']:,.0f} images/s "
               f"over HTTP in batches of {BATCH}.", ""]
     for r in results:
         h = r["http"]
         ok = h["p50_ms"] <= TARGETS["p50_ms"] and h["images_per_s"] >= TARGETS["images_per_s"]
-        lines.append(f"- {r['backend']}: p50 {h['p50_ms']:.1f} ms, {h['images_per_s']:,.0f} images/s: "
+        lines.append(f"- {r['backend']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''}: p50 {h['p50_ms']:.1f} ms, {h['images_per_s']:,.0f} images/s: "
                      f"{'meets both targets' if ok else 'misses a target'}")
     return "\n".join(lines) + "\n"
 
@@ -167,21 +172,32 @@ def main() -> None:
     parser.add_argument("--project", type=Path, default=ROOT, help="where models/ and data/prepared/ are")
     parser.add_argument("--requests", type=int, default=300, help="single-image requests timed")
     parser.add_argument("--batches", type=int, default=20, help=f"requests of {BATCH} images timed")
-    parser.add_argument("--backends", default="onnxruntime,pytorch")
+    parser.add_argument("--backends", default="onnxruntime,pytorch", help="comma-separated, of onnxruntime,pytorch")
+    parser.add_argument("--threads", default="1", help="comma-separated CPU threads per request to compare "
+                        "(the served model's `threads` config; 1 is what export registers)")
     parser.add_argument("--port", type=int, default=5012)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
     args = parser.parse_args()
     if not all((args.project / p).exists() for p in ("models/model.pt", "models/export/model.onnx", "data/prepared")):
         sys.exit(f"{args.project}: models/model.pt, models/export/model.onnx or data/prepared not found; "
                  "run `dvc repro export` first")
+    backends = args.backends.split(",")
+    unknown = sorted(set(backends) - {"onnxruntime", "pytorch"})
+    if unknown:
+        sys.exit(f"error: unknown backend {unknown[0]!r}; choose from onnxruntime, pytorch")
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        sys.exit(f"error: --threads takes whole numbers separated by commas, got {args.threads!r}")
+    variants = [(backend, threads) for backend in backends for threads in thread_counts]
     args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        models, images = build_models(args.project, Path(tmp))
+        models, images = build_models(args.project, Path(tmp), variants)
         results = []
-        for backend in args.backends.split(","):
-            print(f"measuring {backend} ...", flush=True)
-            results.append(bench_backend(backend, models[backend], images, args))
+        for backend, threads in variants:
+            print(f"measuring {backend}, {threads} thread(s) ...", flush=True)
+            results.append(bench_backend(backend, threads, models[backend, threads], images, args))
             print(f"  {results[-1]}", flush=True)
     load = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

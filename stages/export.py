@@ -60,7 +60,7 @@ def strip_debug_info(proto) -> None:
 
 def onnx_max_abs_diff(path: Path, images: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
     """Max |ONNX − PyTorch| of the logits and of the probabilities, ONNX Runtime given the raw uint8
-    `images` and PyTorch's `logits` computed the way evaluate computes them."""
+    `images` and PyTorch's `logits` computed in float32 from the prepared tensors (evaluate at its default precision)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -100,7 +100,7 @@ per channel with mean {ckpt.normalization['mean']} and std {ckpt.normalization['
 - `probabilities`: float32 N×{len(ckpt.classes)}, their softmax; column i is class i of the metadata prop `classes`
 
 Max |ONNX − PyTorch| on test images, ONNX Runtime given the raw pixels and PyTorch the prepared tensors as
-evaluate measured them: {diffs[0]:.2e} (logits), {diffs[1]:.2e} (probabilities).
+evaluate reads them, both in float32: {diffs[0]:.2e} (logits), {diffs[1]:.2e} (probabilities).
 
 ## Serving it
 Each export with tracking on logs an MLflow model (a pyfunc over image files running `model.onnx`) to the
@@ -145,7 +145,7 @@ def main(args) -> None:
     prepared = prepared[: cfg.onnx_check_images]
     raw = unpad(prepared, model_file.input["size"])  # the data set's own pixels, as model.onnx takes them
     with torch.inference_mode():
-        logits = model(model_file.normalizer()(prepared))  # as evaluate computes them
+        logits = model(model_file.normalizer()(prepared))  # float32, from the prepared tensors
     evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
     if PER_CLASS_PATH.exists():
         evaluation["per_class"] = list(csv.DictReader(PER_CLASS_PATH.read_text().splitlines()))

@@ -23,7 +23,8 @@ def newest_version(uri: str, name: str) -> str:
     """models:/<name>/<highest version> in the registry at `uri`; PipelineError when there is none."""
     from mlflow import MlflowClient
 
-    hint = "run the pipeline with tracking.enabled: true (export registers one), or pass a model URI (MODEL_URI=...)"
+    hint = ("run the pipeline with tracking.enabled: true (`dvc repro --force train` when it ran without; export "
+            "registers a version), or pass a model URI (MODEL_URI=...)")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():  # do not create one
         raise PipelineError(f"no version of {name!r} is registered: {uri} does not exist yet; {hint}")
     try:

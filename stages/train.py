@@ -5,8 +5,9 @@ after every epoch (a rerun resumes from it when the settings still match), Tenso
 and after every epoch, so that `dvc exp show` and `dvc plots` follow a running experiment:
 metrics/train.json (validation and training loss), metrics/train_history.csv (per-epoch curves),
 metrics/train_time.json (speed, kept apart so that the other files are identical across reruns) and
-metrics/train_env.json (device, precision, threads: not metrics). A training that fails puts the old
-metrics files back, so they always describe models/model.pt.
+metrics/train_env.json (device, precision, threads: not metrics). A training that fails with an error
+or Ctrl-C puts the old metrics files back, so they describe models/model.pt (after a SIGKILL they hold
+the killed run's epochs until the rerun resumes from the checkpoint).
 """
 from __future__ import annotations
 

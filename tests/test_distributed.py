@@ -102,6 +102,6 @@ def test_two_nodes_with_c10d_rendezvous_train_like_one_process(trained_project, 
     two_nodes = json.loads((writer / "metrics/train.json").read_text())
     assert two_nodes["train_loss"] == pytest.approx(single["train_loss"], rel=1e-3)
     assert abs(two_nodes["val_accuracy"] - single["val_accuracy"]) <= 0.02
-    assert json.loads((writer / "metrics/train_time.json").read_text())["processes"] == 2
+    assert json.loads((writer / "metrics/train_env.json").read_text())["processes"] == 2
     model, ckpt = load_model(writer / "models/model.pt")
     assert not any(key.startswith("module.") for key in ckpt.state_dict)

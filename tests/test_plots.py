@@ -44,10 +44,10 @@ def test_plots_are_exactly_the_intended_ones_each_once(repo):
 
 @pytest.fixture(scope="module")
 def offline_template():
-    """The page template `make setup` writes (it is fetched from the npm registry, which tests must not call)."""
+    """The page template `make plots` (and `make run`, `make test`) writes (it is fetched from the npm registry, which tests must not call)."""
     path = load_script().TEMPLATE
     if not path.is_file():
-        message = f"{path} is missing: run `make setup` (scripts/offline_plots.py)"
+        message = f"{path} is missing: run `make plots` (scripts/offline_plots.py)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

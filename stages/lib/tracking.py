@@ -179,7 +179,10 @@ class Tracker:
         if tracker.client:
             tracker.run_id = run_id if run_id and tracker._reopen(run_id) else tracker._create_run(params, env, meta)
         if tracker.active:
-            tracker.monitor = tracker._guard(tracker._system_metrics)
+            try:  # a sampler that cannot start costs the system metrics, not the run
+                tracker.monitor = tracker._system_metrics()
+            except Exception as exc:
+                print(f"warning: MLflow system metrics off: {one_line(exc)}", file=sys.stderr, flush=True)
         return tracker
 
     def _system_metrics(self):
@@ -244,6 +247,9 @@ class Tracker:
         except (OSError, ValueError):
             run_id = None
         tracker = cls(cfg, run_id)
+        if cfg.enabled and not run_id:  # e.g. train ran with tracking off: `dvc repro` would not rerun it
+            print(f"warning: MLflow tracking off for this stage: {RUN_FILE} names no run (train ran with tracking "
+                  "off or failing); `dvc repro --force train` logs a new one", file=sys.stderr, flush=True)
         return tracker._open() if run_id else tracker
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
@@ -301,7 +307,10 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
-            self._guard(self.monitor.finish)
+            try:  # a sampler that fails to stop must not leave the run RUNNING
+                self.monitor.finish()
+            except Exception as exc:
+                print(f"warning: MLflow system metrics: {one_line(exc)}", file=sys.stderr, flush=True)
             self.monitor = None
         if self.active:
             self._guard(self.client.set_terminated, self.run_id, status)
