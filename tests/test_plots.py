@@ -5,7 +5,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import tarfile
 
 import pytest
 
-from conftest import REPO, make_dvc_repo, sh
+from conftest import REPO, make_dvc_repo, needs, sh
 
 INTENDED = {"loss", "accuracy", "confusion", "per_class"}
 
@@ -46,21 +45,14 @@ def test_plots_are_exactly_the_intended_ones_each_once(repo):
 def offline_template():
     """The page template `make plots` (and `make run`, `make test`) writes (it is fetched from the npm registry, which tests must not call)."""
     path = load_script().TEMPLATE
-    if not path.is_file():
-        message = f"{path} is missing: run `make plots` (scripts/offline_plots.py)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    needs(path.is_file(), f"{path} is missing: run `make plots` (scripts/offline_plots.py)")
     return path
 
 
 @pytest.fixture(scope="module")
 def chromium():
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not browser:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: apt-get install chromium")
-        pytest.skip("chromium is not installed")
+    needs(bool(browser), "chromium is missing: apt-get install chromium")
     return browser
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (GIT_ENV, REPO, clean_env, free_port, make_dvc_repo, run_stage, sh, wait_until_healthy,
+from conftest import (GIT_ENV, REPO, clean_env, free_port, make_dvc_repo, needs, run_stage, sh, wait_until_healthy,
                       write_params)
 
 SCRIPT = REPO / "scripts" / "mlflow_server.py"
@@ -39,12 +39,6 @@ CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFL
 def env(**extra: str) -> dict:
     return {k: v for k, v in clean_env(**extra).items() if k not in CREDENTIAL_VARS or k in extra}
 
-
-def needs(present: bool, message: str) -> None:
-    if not present:
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def require_postgresql() -> None:
