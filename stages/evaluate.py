@@ -7,8 +7,6 @@ them to the training's MLflow run with a confusion-matrix picture and a per-clas
 """
 from __future__ import annotations
 
-import csv
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from stages.lib.data import load_split
 from stages.lib.engine import evaluate, resolve_device, set_threads, use_bf16
 from stages.lib.errors import run
-from stages.lib.files import json_bytes, write_files
+from stages.lib.files import csv_bytes, json_bytes, write_files
 from stages.lib.loader import BatchLoader
 from stages.lib.modelfile import load_model
 from stages.lib.params import load_params
@@ -38,14 +36,6 @@ def per_class(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str])
         accuracy = round((predicted[mask] == index).float().mean().item(), 6) if mask.any() else None
         rows.append({"class": name, "accuracy": accuracy, "images": int(mask.sum())})
     return rows
-
-
-def csv_bytes(rows: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
 
 
 def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> bytes:

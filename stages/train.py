@@ -11,9 +11,7 @@ the killed run's epochs until the rerun resumes from the checkpoint).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import shutil
 import sys
@@ -34,7 +32,7 @@ from stages.lib.distributed import SINGLE, Group
 from stages.lib.engine import (WeightAverage, evaluate, learning_rate, resolve_device, set_threads, train_one_epoch,
                                use_bf16)
 from stages.lib.errors import PipelineError, run
-from stages.lib.files import atomic_path, clear_temps, json_bytes, torch_bytes, write_files
+from stages.lib.files import atomic_path, clear_temps, csv_bytes, json_bytes, torch_bytes, write_files
 from stages.lib.loader import BatchLoader, make_normalizer, steps_per_epoch
 from stages.lib.modelfile import FORMAT, ModelFile, read_torch_file
 from stages.lib.models import build_model, freeze_backbone, imagenet_weights_path, model_config
@@ -193,14 +191,6 @@ def validate(model: nn.Module, loader: BatchLoader, group: Group) -> dict:
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
-def history_csv(history: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    csv_writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-    csv_writer.writeheader()
-    csv_writer.writerows(history)
-    return buffer.getvalue().encode()
-
-
 def save_checkpoint(ckpt: dict) -> None:
     with atomic_path(CHECKPOINT_PATH) as tmp:
         tmp.write_bytes(torch_bytes(ckpt))
@@ -224,7 +214,7 @@ def metrics_files(history: list[dict], epoch_seconds: list[float], n_train: int,
     `dvc exp show` and `dvc plots` follow a running experiment)."""
     total = sum(epoch_seconds)
     return {METRICS_PATH: json_bytes({"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}}),
-            HISTORY_PATH: history_csv(history),
+            HISTORY_PATH: csv_bytes(history),
             TIME_PATH: json_bytes({"seconds": round(total, 2),
                                    "images_per_s": round(n_train * len(epoch_seconds) / total, 1)}),
             ENV_PATH: json_bytes(env)}

@@ -87,6 +87,17 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
 
 
+def csv_bytes(rows: list[dict]) -> bytes:
+    """Rows of one shape as CSV with a header, "\n" line ends (the metrics files DVC plots read)."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
 def torch_bytes(obj) -> bytes:
     """torch.save's bytes, identical for identical objects: saving to a named file would embed that
     (temporary) name in the archive, so serialize in memory under torch's fixed name instead."""
