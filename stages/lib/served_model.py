@@ -9,8 +9,8 @@ sets such as Fashion-MNIST). Output, one row per image: `class`, `probability` a
 classes with their probabilities, as `python -m stages.predict --json` gives them.
 
 Model config (MLmodel; `SERVING_MODEL_CONFIG='{"threads": 2}'` overrides it when served): `classes`,
-`input` (channels, size, resize: how to decode), `threads` (CPU threads per request, default 1: measured
-faster than 2 on a busy 2-core machine, see benchmarks/serve_bench.py).
+`input` (channels, size, resize: how to decode), `threads` (CPU threads per request, default 1: a steady
+tail latency with several clients; `benchmarks/serve_bench.py --threads 1,2` compares them).
 
 A bad request (not base64, not an image, a decompression bomb, no images) fails as a whole with one line
 that names the image's row; served, that is an HTTP 400.
