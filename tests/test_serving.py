@@ -269,7 +269,8 @@ def test_serve_without_a_registered_version_is_one_line(served, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: no version of '{NAME}' is registered: sqlite:///{tmp_path / 'mlflow.db'} does not exist yet; "
-        "run the pipeline with tracking.enabled: true (export registers one), or pass a model URI (MODEL_URI=...)"]
+        "run the pipeline with tracking.enabled: true (`dvc repro --force train` when it ran without; export "
+        "registers a version), or pass a model URI (MODEL_URI=...)"]
     assert not (tmp_path / "mlflow.db").exists()
 
     # a store with runs but no version of this name
