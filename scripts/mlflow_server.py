@@ -161,7 +161,7 @@ def ensure_databases(pgdata: Path, *names: str) -> set[str]:
                     conn.execute(f"CREATE DATABASE {name}")
                     created.add(name)
     except psycopg.Error as exc:
-        raise Fail(f"cannot create the databases {names}: {' '.join(str(exc).split())}") from None
+        raise Fail(f"cannot create the databases {', '.join(names)}: {' '.join(str(exc).split())}") from None
     return created
 
 
