@@ -354,7 +354,8 @@ def admin_request(url: str, admin_password: str, path: str, body: dict, what: st
 
 def add_user(args, folder: Path) -> int:
     """Create an MLflow login through the running server's REST API, as the admin; unless --read-only,
-    with EDIT on every experiment (log runs, not delete them; an experiment's creator may)."""
+    with EDIT on every experiment and registered model (log runs and add model versions, not delete
+    them; a resource's creator may)."""
     url = (args.url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}").rstrip("/")
     admin_password = server_secret(folder / "admin_password", "MLFLOW_AUTH_ADMIN_PASSWORD", may_create=False)
     name = args.add_user
@@ -363,11 +364,12 @@ def add_user(args, folder: Path) -> int:
         raise Fail("the password must have at least 12 characters (MLflow's rule)")
     admin_request(url, admin_password, "2.0/mlflow/users/create", {"username": name, "password": password},
                   f"create the user {name!r}")
-    if not args.read_only:
-        admin_request(url, admin_password, "3.0/mlflow/users/permissions/grant",
-                      {"username": name, "resource_type": "experiment", "resource_id": "*", "permission": "EDIT"},
-                      f"let {name!r} log runs")
-    rights = "read-only" if args.read_only else "may log runs to every experiment"
+    if not args.read_only:  # runs in every experiment, versions of every registered model (the team's)
+        for resource, what in (("experiment", "log runs"), ("registered_model", "register model versions")):
+            admin_request(url, admin_password, "3.0/mlflow/users/permissions/grant",
+                          {"username": name, "resource_type": resource, "resource_id": "*", "permission": "EDIT"},
+                          f"let {name!r} {what}")
+    rights = "read-only" if args.read_only else "may log runs and register model versions everywhere"
     print(f"created the MLflow user {name!r} on {url} ({rights}); they log in with "
           f"MLFLOW_TRACKING_USERNAME={name} and MLFLOW_TRACKING_PASSWORD")
     return 0
@@ -382,7 +384,7 @@ def main() -> int:
     parser.add_argument("--stop", action="store_true", help="stop a PostgreSQL left running in --dir, then exit")
     parser.add_argument("--no-auth", action="store_true", help="no logins (refused unless --host is loopback)")
     parser.add_argument("--add-user", metavar="NAME", help="create a login on the running server, then exit; "
-                        "the password is asked for, or read from stdin; the user may log runs to every experiment")
+                        "the password is asked for, or read from stdin; the user may log runs and register model versions")
     parser.add_argument("--read-only", action="store_true",
                         help="with --add-user: the user gets no write access to the team's experiments")
     parser.add_argument("--url", help="with --add-user: the server's address (default http://HOST:PORT)")

@@ -228,14 +228,19 @@ def test_a_repro_run_reads_back_as_the_mlflow_ui_expects(exp_repo, monkeypatch):
 def test_exp_show_reads_at_a_glance(exp_repo):
     """After several lr/epoch experiments, `dvc exp show --only-changed` fits 160 columns with the test
     accuracy in full view, and the metrics it shows are the numbers people compare, nothing else."""
-    if len(sh(exp_repo, "dvc", "exp", "list", "--name-only", stdout_only=True).split()) < 3:
-        for name, lr in (("glance-a", "0.02"), ("glance-b", "0.05")):
-            sh(exp_repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
+    # as the README's recipe: a committed baseline run, then experiments on it
+    sh(exp_repo, "git", "checkout", "params.yaml")
+    sh(exp_repo, "dvc", "repro")
+    sh(exp_repo, "git", "add", "-A")
+    sh(exp_repo, "git", "commit", "-qm", "baseline run")
+    for name, lr in (("glance-a", "0.02"), ("glance-b", "0.05")):
+        sh(exp_repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
     shown = json.loads(sh(exp_repo, "dvc", "exp", "show", "--json", stdout_only=True))
     metrics = set()
     for baseline in shown:
         for rev in [baseline, *(exp for e in baseline.get("experiments") or [] for exp in e["revs"])]:
-            for path, content in ((rev.get("data") or {}).get("metrics") or {}).items():
+            for path, content in rev["data"]["metrics"].items():
+                assert "data" in content, (rev["name"], path, content)
                 metrics |= {f"{path}:{key}" for key in content["data"]}
     assert metrics == {"metrics/train.json:" + k for k in ("epochs", "train_loss", "val_loss", "val_accuracy")} | {
         "metrics/train_time.json:seconds", "metrics/train_time.json:images_per_s",
