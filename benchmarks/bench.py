@@ -408,6 +408,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.print_recipe:
         recipe = preset(args.print_recipe)
+        if args.fast_epochs and args.print_recipe == "fast":  # e.g. 24 on a GPU (README: On a GPU)
+            recipe["train.epochs"] = args.fast_epochs
         print(" ".join(f"-S {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in recipe.items()))
         return
     if args.route:

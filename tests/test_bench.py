@@ -118,6 +118,9 @@ def test_readme_states_the_fast_recipe_exactly_as_the_preset():
     assert {k: yaml.safe_load(v) for k, v in flags.items()} == preset
     printed = subprocess.run([sys.executable, BENCH, "--print-recipe"], capture_output=True, text=True, check=True)
     assert printed.stdout.strip() == line.split(" ", 5)[5]
+    longer = subprocess.run([sys.executable, BENCH, "--print-recipe", "--fast-epochs", "24"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert longer == printed.stdout.strip().replace("-S train.epochs=9", "-S train.epochs=24")
 
 
 @pytest.mark.parametrize("name", ["fast_recipe", "fast_short_recipe", "cifar10_recipe"])
