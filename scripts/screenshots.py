@@ -38,10 +38,17 @@ def screenshot(browser: str, url: str, out: Path, size: str, wait_ms: int) -> No
     print(f"wrote {out}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_address() -> tuple[str, int]:
+    """A free loopback port, on 127.0.0.2 where the system has it (Linux): MLflow's UI opens its assistant
+    panel over the runs view when the page's host is 127.0.0.1 or localhost."""
+    for host in ("127.0.0.2", "127.0.0.1"):
+        with socket.socket() as s:
+            try:
+                s.bind((host, 0))
+            except OSError:
+                continue
+            return host, s.getsockname()[1]
+    sys.exit("error: no free loopback port")
 
 
 def mlflow_pictures(browser: str, out: Path) -> None:
@@ -50,10 +57,11 @@ def mlflow_pictures(browser: str, out: Path) -> None:
     from stages.lib.tracking import tracking_uri
 
     cfg = load_params(REPO / "params.yaml").tracking
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    host, port = free_address()
+    base = f"http://{host}:{port}"
     server = subprocess.Popen([Path(sys.executable).with_name("mlflow"), "ui", "--backend-store-uri", tracking_uri(cfg),
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, start_new_session=True,
+                               "--host", host, "--port", str(port), "--allowed-hosts", f"{host}:{port}",
+                               "--cors-allowed-origins", base], cwd=REPO, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
@@ -70,8 +78,9 @@ def mlflow_pictures(browser: str, out: Path) -> None:
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}") as r:
             experiment = json.load(r)["experiment"]["experiment_id"]
         runs = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning&compareRunsMode="
-        screenshot(browser, runs + "CHART", out / "mlflow-runs.png", "1600,1000", 30000)
-        screenshot(browser, runs + "TABLE", out / "mlflow-table.png", "1600,560", 30000)
+        # virtual time: the charts' metric histories arrive over many requests after the page has loaded
+        screenshot(browser, runs + "CHART", out / "mlflow-runs.png", "1600,1000", 120000)
+        screenshot(browser, runs + "TABLE", out / "mlflow-table.png", "1600,560", 120000)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
