@@ -11,6 +11,7 @@ the killed run's epochs until the rerun resumes from the checkpoint).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -235,6 +236,7 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device) 
     live = (METRICS_PATH, HISTORY_PATH, TIME_PATH, ENV_PATH)
     clear_temps(MODEL_PATH, CHECKPOINT_PATH, RUN_FILE, *live)
     before = {path: path.read_bytes() if path.is_file() else None for path in live}  # put back if training fails
+    new_folders = [folder for folder in {path.parent for path in live} if not folder.exists()]
     if resume is None:
         shutil.rmtree(LOG_DIR, ignore_errors=True)
     from torch.utils.tensorboard import SummaryWriter
@@ -272,6 +274,9 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device) 
         write_files({path: content for path, content in before.items() if content is not None})
         for path in (path for path, content in before.items() if content is None):
             path.unlink(missing_ok=True)
+        for folder in new_folders:
+            with contextlib.suppress(OSError):  # left alone if anything else was written there
+                folder.rmdir()
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if resume is None:
