@@ -31,7 +31,7 @@ run: setup $(PLOTS_TEMPLATE)
 	@echo
 	@echo "Results: models/model.pt (model), models/export/ (state_dict, ONNX, model card),"
 	@echo "         metrics/*.json (dvc metrics show), metrics/*.csv (dvc plots show), logs/ (make tensorboard)."
-	@echo "Classify an image: $(PY) -m stages.predict IMAGE"
+	@echo "Classify an image: $(PY) -m tools.predict IMAGE"
 	@echo "Compare runs in MLflow: make ui"
 
 test: setup $(PLOTS_TEMPLATE)
@@ -68,15 +68,15 @@ setup: $(VENV)/.installed data-mirror
 
 # dvc plots show without the internet: Vega from the npm registry, inlined into DVC's page template. Only
 # the targets that draw plots wait for it; where the registry is unreachable they say so and go on.
-$(PLOTS_TEMPLATE): scripts/offline_plots.py $(VENV)/.installed
-	-$(PY) scripts/offline_plots.py || echo "note: dvc plots show will load Vega from its CDN until this succeeds"
+$(PLOTS_TEMPLATE): tools/offline_plots.py $(VENV)/.installed
+	-$(PY) tools/offline_plots.py || echo "note: dvc plots show will load Vega from its CDN until this succeeds"
 
 plots: setup $(PLOTS_TEMPLATE)
 	dvc plots show
 
 # The README's pictures, from this checkout's runs: MLflow's runs view and dvc plots diff of the experiments.
 screenshots: setup $(PLOTS_TEMPLATE)
-	$(PY) scripts/screenshots.py $(REVS)
+	$(PY) tools/screenshots.py $(REVS)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -96,7 +96,7 @@ tensorboard: setup
 
 # MLflow UI on loopback against the project's store (sqlite:///<repo>/mlflow.db, artifacts in mlartifacts/).
 ui: setup
-	$(PY) -m stages.lib.tracking --port $(UI_PORT)
+	$(PY) -m stages.lib.tracking.runs --port $(UI_PORT)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # Tracking server for the team: runs in PostgreSQL (mlserver/pgdata), artifacts served from
@@ -104,17 +104,17 @@ ui: setup
 # Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT and
 # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 mlflow-server: setup
-	$(PY) scripts/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
+	$(PY) tools/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 # A login on the running server; the password is asked for (or read from stdin).
 mlflow-user: setup
 	@test -n "$(NAME)" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1]" >&2; exit 2; }
-	$(PY) scripts/mlflow_server.py --add-user $(NAME) --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(READ_ONLY),--read-only)
+	$(PY) tools/mlflow_server.py --add-user $(NAME) --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(READ_ONLY),--read-only)
 
 # The classifier over HTTP: `mlflow models serve --env-manager local` (offline) of tracking.registered_model's
 # newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion). README: Serving the model.
 serve: setup
-	$(PY) -m stages.serve --port $(SERVE_PORT)$(if $(MODEL_URI), --model-uri '$(MODEL_URI)')
+	$(PY) -m tools.serve --port $(SERVE_PORT)$(if $(MODEL_URI), --model-uri '$(MODEL_URI)')
 
 clean-venv:
 	rm -rf $(VENV)

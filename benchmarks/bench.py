@@ -75,7 +75,7 @@ def project_params(route: str, epochs: int | None, seed: int, device: str, overr
 def prepared(params, args, raw: Path):
     """The project's preprocess, in memory, with the project's split (seed 0) whatever the training seed:
     ({"train": (x, y) (with the validation images when train.train_on_val), "val": the test split}, meta)."""
-    from stages.lib.data import training_images
+    from stages.lib.prepared import training_images
     from stages.lib.datasets import DATASETS
     from stages.preprocess import prepare
 
@@ -94,27 +94,24 @@ def sync(device: torch.device) -> None:
 
 
 def run_project(route: str, epochs: int | None, seed: int, args) -> dict:
-    from stages.lib.engine import resolve_device, use_bf16
-    from stages.train import QUIET, Callbacks, fit
+    from stages.lib.device import resolve_device, use_bf16
+    from stages.lib.training import fit
 
     device = resolve_device(args.device)
     params = project_params(route, epochs, seed, str(device), args.set if route in PRESETS else ())
     raw = args.cifar_raw if params.data.dataset == "cifar10" else args.raw
     data, meta = prepared(params, args, Path(raw))
     data = {k: (x.to(device), y.to(device)) for k, (x, y) in data.items()}  # resident on the device
-    rows, last = [], [time.perf_counter()]
-
-    def on_epoch(row, seconds, checkpoint):  # the test pass has just run (its .item() waited for the GPU)
+    rows, last = [], time.perf_counter()
+    for epoch in fit(params, meta, data, device):  # the test pass has just run (its .item() waited for the GPU)
         sync(device)
         now = time.perf_counter()
-        rows.append({"epoch": row["epoch"], "train_seconds": seconds, "elapsed_seconds": now - last[0],
-                     "test_accuracy": row["val_accuracy"], "images": len(data["train"][1])})
-        last[0] = now
-
-    result = fit(params, meta, data, device, callbacks=Callbacks(on_epoch=on_epoch, print=QUIET.print))
+        rows.append({"epoch": epoch.row["epoch"], "train_seconds": epoch.seconds, "elapsed_seconds": now - last,
+                     "test_accuracy": epoch.row["val_accuracy"], "images": epoch.images})
+        last = now
     out = {"epochs": rows}
     if route == "fast" and (seed == 0 or use_bf16("auto", device)):  # emulated bf16 is slow: seed 0 only
-        out["evaluate"] = evaluate_precisions(result.model, data["val"], meta, params, device)
+        out["evaluate"] = evaluate_precisions(epoch.model, data["val"], meta, params, device)
     return out
 
 
@@ -122,18 +119,21 @@ def evaluate_precisions(model, test: tuple, meta: dict, params, device: torch.de
     """The final model on the test split as the evaluate stage runs it (batch evaluate.batch_size,
     channels_last), in float32 and in bfloat16: {precision: {accuracy, seconds}}, and whether this
     device has native bf16 (without it bf16 is emulated: its accuracy counts, its time does not)."""
-    from stages.lib.engine import evaluate, use_bf16
-    from stages.lib.loader import BatchLoader, make_normalizer
+    from stages.lib.loader import BatchLoader
+    from stages.lib.device import use_bf16
+    from stages.lib.training import logits_of
+    from stages.lib.transforms import Preprocess
 
     model = model.to(memory_format=torch.channels_last)
-    loader = BatchLoader(*test, params.evaluate.batch_size, make_normalizer(meta["mean"], meta["std"], device))
+    loader = BatchLoader(*test, params.evaluate.batch_size, Preprocess(meta["input_shape"][1:], meta["input_shape"][1:], meta["mean"], meta["std"]).to(device))
     out = {"native_bf16": use_bf16("auto", device), "chosen": "bf16" if use_bf16(params.evaluate.precision, device)
            else "fp32"}
     for precision in ("fp32", "bf16"):
         began = time.perf_counter()
-        result = evaluate(model, loader, bf16=precision == "bf16")
+        logits, labels = logits_of(model, loader, bf16=precision == "bf16")
         sync(device)
-        out[precision] = {"accuracy": result["accuracy"], "seconds": round(time.perf_counter() - began, 3)}
+        accuracy = (logits.argmax(1) == labels).float().mean().item()
+        out[precision] = {"accuracy": accuracy, "seconds": round(time.perf_counter() - began, 3)}
     return out
 
 
@@ -157,7 +157,7 @@ def run_reference(epochs: int, seed: int, args) -> dict:
     from torch import nn
     from torch.utils.data import DataLoader, Subset
 
-    from stages.lib.engine import resolve_device
+    from stages.lib.device import resolve_device
     from stages.preprocess import carve
 
     device = resolve_device(args.device)
@@ -348,7 +348,7 @@ def fetch_cifar(args) -> tuple[Path | None, str]:
     must not wait on the internet."""
     from stages.lib.datasets import DATASETS
     from stages.lib.errors import PipelineError
-    from stages.lib.fetch import fetch_file
+    from stages.lib.sources import fetch_file
     from stages.lib.files import md5_file
 
     data = project_params("cifar10", None, 0, "cpu", args.set).data
@@ -417,7 +417,7 @@ def main() -> None:
         return
     if not args.raw.is_dir():
         sys.exit(f"{args.raw} not found: run `dvc repro download` first, or pass --raw")
-    from stages.lib.engine import resolve_device
+    from stages.lib.device import resolve_device
 
     device = resolve_device(args.device)
     routes = (args.routes or "reference,project,fast-short,fast" + (",cifar10" if device.type == "cuda" else "")).split(",")

@@ -5,7 +5,7 @@
 
 Needs the pipeline's outputs (`dvc repro export`): models/model.pt, models/export/model.onnx and the
 prepared test split, whose images are sent as PNG files, base64-encoded, the way a client would. Builds
-the served MLflow model twice (stages/lib/serving.py), once running model.onnx in ONNX Runtime (what export
+the served MLflow model twice (stages/lib/tracking/pyfunc.py), once running model.onnx in ONNX Runtime (what export
 registers) and once a torch.export program of the same raw-image net in PyTorch, and serves each with
 `mlflow models serve --env-manager local` on 127.0.0.1, the command `make serve` runs. For each it measures
 
@@ -44,10 +44,10 @@ def build_models(project: Path, folder: Path, variants: list[tuple[str, int]]) -
     """{(backend, threads): served MLflow model folder}, and BATCH test images as base64 PNG files."""
     import mlflow.pyfunc
 
-    from stages.lib.data import load_split
+    from stages.lib.prepared import load_split
     from stages.lib.modelfile import load_model
-    from stages.lib.preprocessing import unpad
-    from stages.lib.serving import b64, model_spec, png_bytes, save_program
+    from stages.lib.transforms import unpad
+    from stages.lib.tracking.pyfunc import b64, model_spec, png_bytes, save_program
 
     model, model_file = load_model(project / "models/model.pt")
     prepared, _ = load_split("test", project / "data/prepared")
@@ -82,7 +82,7 @@ def request(connection: http.client.HTTPConnection, body: bytes) -> float:
 
 
 def serve(folder: Path, port: int, log: Path) -> subprocess.Popen:
-    from stages.serve import command
+    from tools.serve import command
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(command(str(folder), port), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,

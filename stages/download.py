@@ -7,21 +7,18 @@ folder and replaces the old one only when every file arrived and checked out.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from stages.lib.datasets import DATASETS
 from stages.lib.errors import run
 from stages.lib.files import replaced_dir
 from stages.lib.params import load_params
-
-RAW_DIR = Path("data/raw")
+from stages.lib.paths import RAW_DIR
 
 
 def main(args) -> None:
-    cfg = load_params().data
-    dataset = DATASETS[cfg.dataset]
+    data = load_params(choices={"data.dataset": DATASETS}).data
+    dataset = DATASETS[data.dataset]
     with replaced_dir(RAW_DIR) as staging:
-        used = dataset.fetch(cfg, staging / dataset.name)
+        used = dataset.fetch(data, staging / dataset.name)
     for name, source in used.items():
         print(f"{RAW_DIR / dataset.name / name}  <- {source}")
 

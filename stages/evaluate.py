@@ -1,6 +1,8 @@
 """Stage 4 — evaluate: the trained model on the held-out test split.
 
-Writes metrics/eval.json (test accuracy and mean loss: the numbers experiments are compared by),
+Runs the model once over the test images for their logits; every metric is computed from those in
+`test_metrics` (the one place to add one: it then shows in metrics/eval.json, `dvc exp show`, MLflow and
+the model card, and needs no retraining). Writes metrics/eval.json (the numbers experiments are compared by),
 metrics/per_class.csv (accuracy and image count per class, a bar chart in `dvc plots`) and
 metrics/confusion.csv (one `actual,predicted` row per test image, DVC's confusion-matrix plot); adds
 them to the training's MLflow run with a confusion-matrix picture and a per-class table.
@@ -13,18 +15,22 @@ from pathlib import Path
 
 import torch
 
-from stages.lib.data import load_split
-from stages.lib.engine import evaluate, resolve_device, set_threads, use_bf16
 from stages.lib.errors import run
 from stages.lib.files import csv_bytes, json_bytes, write_files
 from stages.lib.loader import BatchLoader
 from stages.lib.modelfile import load_model
 from stages.lib.params import load_params
-from stages.lib.tracking import Tracker
+from stages.lib.paths import CONFUSION, EVAL_METRICS, MODEL, PER_CLASS
+from stages.lib.prepared import load_split
+from stages.lib.tracking.runs import Tracker
+from stages.lib.device import resolve_device, set_threads, use_bf16
+from stages.lib.training import logits_of, loss_and_accuracy
 
-MODEL_PATH = Path("models/model.pt")
-METRICS_PATH, PER_CLASS_PATH = Path("metrics/eval.json"), Path("metrics/per_class.csv")
-CONFUSION_PATH = Path("metrics/confusion.csv")
+
+def test_metrics(logits: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict:
+    """metrics/eval.json: what experiments are compared by."""
+    loss, accuracy = loss_and_accuracy(logits, labels, batch_size)
+    return {"test_accuracy": round(accuracy, 6), "test_loss": round(loss, 6)}
 
 
 def per_class(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> list[dict]:
@@ -73,28 +79,29 @@ def main(args) -> None:
     params = load_params()
     set_threads(params.threads)
     device = resolve_device("auto")
-    model, model_file = load_model(MODEL_PATH, device)
+    model, model_file = load_model(MODEL, device)
     model = model.to(memory_format=torch.channels_last)
     images, labels = load_split("test", device=device)
+    batch_size = params.evaluate.batch_size
     began = time.perf_counter()
-    result = evaluate(model, BatchLoader(images, labels, params.evaluate.batch_size, model_file.normalizer(device)),
-                      bf16=use_bf16(params.evaluate.precision, device))
+    logits, labels = logits_of(model, BatchLoader(images, labels, batch_size, model_file.preprocess(padded=True).to(device)),
+                               bf16=use_bf16(params.evaluate.precision, device))
     seconds = time.perf_counter() - began
-    metrics = {"test_accuracy": round(result["accuracy"], 6), "test_loss": round(result["loss"], 6)}
-    classes = per_class(labels, result["predictions"], model_file.classes)
-    write_files({METRICS_PATH: json_bytes(metrics), PER_CLASS_PATH: csv_bytes(classes),
-                 CONFUSION_PATH: confusion_csv(labels, result["predictions"], model_file.classes)})
+    metrics, predicted = test_metrics(logits, labels, batch_size), logits.argmax(1)
+    classes = per_class(labels, predicted, model_file.classes)
+    write_files({EVAL_METRICS: json_bytes(metrics), PER_CLASS: csv_bytes(classes),
+                 CONFUSION: confusion_csv(labels, predicted, model_file.classes)})
     tracker = Tracker.resume(params.tracking)
     tracker.log_test(metrics, classes, step=model_file.epoch)
-    for path in (METRICS_PATH, PER_CLASS_PATH, CONFUSION_PATH):
+    for path in (EVAL_METRICS, PER_CLASS, CONFUSION):
         tracker.log_artifact(path, "metrics")
     if tracker.active:
         with tempfile.TemporaryDirectory() as tmp:
             picture = Path(tmp) / "confusion.png"
-            confusion_image(labels, result["predictions"], model_file.classes).save(picture, format="PNG")
+            confusion_image(labels, predicted, model_file.classes).save(picture, format="PNG")
             tracker.log_artifact(picture, "metrics")
-    print(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on "
-          f"{len(labels)} images in {seconds:.2f}s ({device}); wrote {METRICS_PATH}, {PER_CLASS_PATH}, {CONFUSION_PATH}")
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+    print(f"{shown} on {len(labels)} images in {seconds:.2f}s ({device}); wrote {EVAL_METRICS}, {PER_CLASS}, {CONFUSION}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Writes models/export/state_dict.pt (the tutorial's "method 2": weights only, loa
 uint8 N×C×H×W at its native size; padding, normalization and flip TTA inside the graph; `logits` and
 `probabilities` out; checked with onnxruntime against PyTorch on real test images), models/export/
 MODEL_CARD.md and metrics/export.json. Then, when tracking is on, logs the served model (a pyfunc over
-image files running model.onnx, stages/lib/serving.py) to the training's MLflow run and registers it as
+image files running model.onnx, stages/lib/tracking/pyfunc.py) to the training's MLflow run and registers it as
 a new version of tracking.registered_model.
 """
 from __future__ import annotations
@@ -16,18 +16,15 @@ from pathlib import Path
 
 import torch
 
-from stages.lib.data import load_split
-from stages.lib.engine import set_threads
+from stages.lib.prepared import load_split
+from stages.lib.device import set_threads
 from stages.lib.errors import PipelineError, run
 from stages.lib.files import atomic_path, json_bytes, replaced_dir, torch_bytes, write_files
 from stages.lib.modelfile import ModelFile, load_model
 from stages.lib.params import flatten, load_params
-from stages.lib.preprocessing import unpad
-from stages.lib.tracking import Tracker
-
-MODEL_PATH, EXPORT_DIR = Path("models/model.pt"), Path("models/export")
-METRICS_PATH, EVAL_PATH = Path("metrics/export.json"), Path("metrics/eval.json")
-PER_CLASS_PATH = Path("metrics/per_class.csv")
+from stages.lib.paths import EVAL_METRICS, EXPORT_DIR, EXPORT_REPORT, MODEL, PER_CLASS
+from stages.lib.tracking.runs import Tracker
+from stages.lib.transforms import unpad
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
@@ -69,40 +66,10 @@ def onnx_max_abs_diff(path: Path, images: torch.Tensor, logits: torch.Tensor) ->
             float((torch.from_numpy(got_probabilities) - logits.softmax(1)).abs().max()))
 
 
-def model_card(ckpt: ModelFile, evaluation: dict, diffs: tuple[float, float]) -> str:
-    c, (h, w), (ph, pw) = ckpt.input["channels"], ckpt.input["size"], ckpt.input["pad_to"]
-    resize = {"center_crop": "shorter side resized, then center-cropped",
-              "stretch": "the whole picture resized"}[ckpt.input["resize"]]
-    kind = "grayscale" if c == 1 else "RGB"
-    dark, invert = "", ""
-    if ckpt.dataset in ("fashion_mnist", "mnist"):
-        dark = (f"\n\n{ckpt.dataset} shows a light object on a black background: invert dark-on-light "
-                "photos first (`python -m stages.predict --invert`; the served model's param `invert`).")
-        invert = ', "invert": false'
-    pad = f", zero-pads it to {ph}×{pw}" if (ph, pw) != (h, w) else ""
-    tta = " and averages each image's logits with its mirror's (flip TTA)" if ckpt.config.get("tta_flip") else ""
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt.params).items())
-    per_class = "\n".join(f"| {row['class']} | {row['accuracy']} |" for row in evaluation.get("per_class", []))
-    return f"""# Model card: {ckpt.config['name']} on {ckpt.dataset}
-
-- Classes ({len(ckpt.classes)}): {', '.join(ckpt.classes)}
-- Trained for {ckpt.epoch} epochs; validation accuracy {ckpt.val_metrics['val_accuracy']:.4f}
-- Test accuracy {evaluation.get('test_accuracy')} on {sum(int(row['images']) for row in evaluation.get('per_class', []))} images; test loss {evaluation.get('test_loss')}
-
-## Input: images as the data set stores them
-`model.onnx` takes `image`: uint8 N×{c}×{h}×{w} ({kind}, pixel values 0..255, any batch size N). Any
-image file becomes that with `python -m stages.predict`'s decoding (stages/lib/imagefile.py: converted to
-{kind} with transparency on black, {resize} to {h}×{w}). The graph itself{pad}, scales to 0..1 and normalizes
-per channel with mean {ckpt.normalization['mean']} and std {ckpt.normalization['std']}{tta}.{dark}
-
-## Outputs
-- `logits`: float32 N×{len(ckpt.classes)}
-- `probabilities`: float32 N×{len(ckpt.classes)}, their softmax; column i is class i of the metadata prop `classes`
-
-Max |ONNX − PyTorch| on test images, ONNX Runtime given the raw pixels and PyTorch the prepared tensors as
-evaluate reads them, both in float32: {diffs[0]:.2e} (logits), {diffs[1]:.2e} (probabilities).
-
-## Serving it
+def usage_section(ckpt: ModelFile, invert: str) -> str:
+    """The card's "Serving it" and "Files" sections."""
+    c, (ph, pw) = ckpt.input["channels"], ckpt.input["pad_to"]
+    return f"""## Serving it
 Each export with tracking on logs an MLflow model (a pyfunc over image files running `model.onnx`) to the
 training's MLflow run and registers it as a new version of `tracking.registered_model`. `make serve`
 serves the newest version on http://127.0.0.1:5002 (`SERVE_PORT`; `MODEL_URI` picks another model).
@@ -119,11 +86,49 @@ one-line `message`.
 
 ## Files
 - `model.onnx`: the model above; metadata props hold `classes`, `mean`, `std`, `input`.
-- `state_dict.pt`: `stages.lib.models.build_model({ckpt.config})` then
+- `state_dict.pt`: `stages.lib.nets.build_model({ckpt.config})` then
   `load_state_dict(torch.load("state_dict.pt", weights_only=True))`; that net takes the normalized,
   padded float32 N×{c}×{ph}×{pw} input.
-- `../model.pt`: the full checkpoint; `python -m stages.predict IMAGE...` uses it.
+- `../model.pt`: the full checkpoint; `python -m tools.predict IMAGE...` uses it.
+"""
 
+
+def model_card(ckpt: ModelFile, evaluation: dict, diffs: tuple[float, float]) -> str:
+    c, (h, w), (ph, pw) = ckpt.input["channels"], ckpt.input["size"], ckpt.input["pad_to"]
+    resize = {"center_crop": "shorter side resized, then center-cropped",
+              "stretch": "the whole picture resized"}[ckpt.input["resize"]]
+    kind = "grayscale" if c == 1 else "RGB"
+    dark, invert = "", ""
+    if c == 1 and ckpt.normalization["mean"][0] < 0.5:  # mostly dark gray images: light objects on black
+        dark = (f"\n\n{ckpt.dataset} shows a light object on a black background: invert dark-on-light "
+                "photos first (`python -m tools.predict --invert`; the served model's param `invert`).")
+        invert = ', "invert": false'
+    pad = f", zero-pads it to {ph}×{pw}" if (ph, pw) != (h, w) else ""
+    tta = " and averages each image's logits with its mirror's (flip TTA)" if ckpt.config.get("tta_flip") else ""
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt.params).items())
+    per_class = "\n".join(f"| {row['class']} | {row['accuracy']} |" for row in evaluation.get("per_class", []))
+    tested = sum(int(row['images']) for row in evaluation.get('per_class', []))
+    test = ", ".join(f"{key} {value}" for key, value in evaluation.items() if key != "per_class") or "not evaluated"
+    return f"""# Model card: {ckpt.config['name']} on {ckpt.dataset}
+
+- Classes ({len(ckpt.classes)}): {', '.join(ckpt.classes)}
+- Trained for {ckpt.epoch} epochs; validation accuracy {ckpt.val_metrics['val_accuracy']:.4f}
+- On {tested} test images: {test}
+
+## Input: images as the data set stores them
+`model.onnx` takes `image`: uint8 N×{c}×{h}×{w} ({kind}, pixel values 0..255, any batch size N). Any
+image file becomes that with `python -m tools.predict`'s decoding (stages/lib/images.py: converted to
+{kind} with transparency on black, {resize} to {h}×{w}). The graph itself{pad}, scales to 0..1 and normalizes
+per channel with mean {ckpt.normalization['mean']} and std {ckpt.normalization['std']}{tta}.{dark}
+
+## Outputs
+- `logits`: float32 N×{len(ckpt.classes)}
+- `probabilities`: float32 N×{len(ckpt.classes)}, their softmax; column i is class i of the metadata prop `classes`
+
+Max |ONNX − PyTorch| on test images, ONNX Runtime given the raw pixels and PyTorch the prepared tensors as
+evaluate reads them, both in float32: {diffs[0]:.2e} (logits), {diffs[1]:.2e} (probabilities).
+
+{usage_section(ckpt, invert)}
 ## Per-class test accuracy
 | class | accuracy |
 |---|---|
@@ -138,27 +143,27 @@ one-line `message`.
 
 def main(args) -> None:
     params = load_params()
-    cfg = params.export
+    export = params.export
     set_threads(params.threads)
-    model, model_file = load_model(MODEL_PATH)
+    model, model_file = load_model(MODEL)
     prepared, _ = load_split("test")
-    prepared = prepared[: cfg.onnx_check_images]
+    prepared = prepared[: export.onnx_check_images]
     raw = unpad(prepared, model_file.input["size"])  # the data set's own pixels, as model.onnx takes them
     with torch.inference_mode():
-        logits = model(model_file.normalizer()(prepared))  # float32, from the prepared tensors
-    evaluation = json.loads(EVAL_PATH.read_text()) if EVAL_PATH.exists() else {}
-    if PER_CLASS_PATH.exists():
-        evaluation["per_class"] = list(csv.DictReader(PER_CLASS_PATH.read_text().splitlines()))
+        logits = model(model_file.preprocess(padded=True)(prepared))  # float32, from the prepared tensors
+    evaluation = json.loads(EVAL_METRICS.read_text()) if EVAL_METRICS.exists() else {}
+    if PER_CLASS.exists():
+        evaluation["per_class"] = list(csv.DictReader(PER_CLASS.read_text().splitlines()))
     with replaced_dir(EXPORT_DIR) as staging:  # the old export stays whole unless every file is written and checked
         write_files({staging / "state_dict.pt": torch_bytes(model_file.state_dict)})
         onnx_path = staging / "model.onnx"
         export_onnx(model_file.raw_net(model), raw[:1].repeat(2, 1, 1, 1), onnx_path,  # batch 1 would be fixed
                     {"classes": model_file.classes, "input": model_file.input, **model_file.normalization})
         diffs = onnx_max_abs_diff(onnx_path, raw, logits)
-        if max(diffs) > cfg.onnx_atol:
-            raise PipelineError(f"ONNX output differs from PyTorch by {max(diffs):.2e} > export.onnx_atol={cfg.onnx_atol}")
+        if max(diffs) > export.onnx_atol:
+            raise PipelineError(f"ONNX output differs from PyTorch by {max(diffs):.2e} > export.onnx_atol={export.onnx_atol}")
         write_files({staging / "MODEL_CARD.md": model_card(model_file, evaluation, diffs).encode(),
-                     METRICS_PATH: json_bytes({"onnx_max_abs_diff": float(f"{diffs[0]:.3g}"),
+                     EXPORT_REPORT: json_bytes({"onnx_max_abs_diff": float(f"{diffs[0]:.3g}"),
                                                "onnx_probabilities_max_abs_diff": float(f"{diffs[1]:.3g}"),
                                                "onnx_check_images": len(raw),
                                                "onnx_bytes": onnx_path.stat().st_size,
@@ -167,7 +172,7 @@ def main(args) -> None:
           f"{diffs[0]:.2e} on {len(raw)} test images), MODEL_CARD.md", flush=True)
     tracker = Tracker.resume(params.tracking)
     tracker.log_model(EXPORT_DIR / "model.onnx", model_file, raw[0], evaluation.get("test_accuracy"))
-    for path in (EXPORT_DIR / "MODEL_CARD.md", METRICS_PATH):
+    for path in (EXPORT_DIR / "MODEL_CARD.md", EXPORT_REPORT):
         tracker.log_artifact(path, "export")
 
 

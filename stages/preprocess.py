@@ -8,17 +8,14 @@ permutation; output bytes are identical across runs and machines.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-
 import torch
 
-from stages.lib.data import PREPARED_DIR, pad_images
 from stages.lib.datasets import DATASETS, Raw
 from stages.lib.errors import PipelineError, run
 from stages.lib.files import json_bytes, replaced_dir, torch_bytes, write_files
 from stages.lib.params import load_params
-
-RAW_DIR = Path("data/raw")
+from stages.lib.paths import PREPARED_DIR, RAW_DIR
+from stages.lib.transforms import pad_images
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -40,31 +37,31 @@ def carve(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, 
     return order[:size].sort().values, order[size:].sort().values
 
 
-def prepare(raw: Raw, cfg, seed: int) -> tuple[dict, dict]:
+def prepare(raw: Raw, settings, seed: int) -> tuple[dict, dict]:
     """Raw images -> ({split: tensors}, meta). Without a test split (an image folder with no val/ or
     test/), `test_size` images are carved from train first; then `val_size` validation images, both
     with the seeded permutation."""
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = raw.train
-    if cfg.max_train:
-        train_x, train_y = train_x[: cfg.max_train], train_y[: cfg.max_train]
+    if settings.max_train:
+        train_x, train_y = train_x[: settings.max_train], train_y[: settings.max_train]
     if raw.test is None:
-        if not 0 < cfg.test_size < len(train_x):
+        if not 0 < settings.test_size < len(train_x):
             raise PipelineError(f"this data set has no test split: set preprocess.test_size to how many of its "
-                                f"{len(train_x)} images to hold out for testing (now {cfg.test_size})")
-        test_idx, train_idx = carve(len(train_x), cfg.test_size, generator)
+                                f"{len(train_x)} images to hold out for testing (now {settings.test_size})")
+        test_idx, train_idx = carve(len(train_x), settings.test_size, generator)
         (test_x, test_y), (train_x, train_y) = (train_x[test_idx], train_y[test_idx]), (train_x[train_idx], train_y[train_idx])
     else:
         test_x, test_y = raw.test
-    if cfg.max_test:
-        test_x, test_y = test_x[: cfg.max_test], test_y[: cfg.max_test]
-    if cfg.val_size >= len(train_x):
-        raise PipelineError(f"preprocess.val_size={cfg.val_size} must be smaller than the "
+    if settings.max_test:
+        test_x, test_y = test_x[: settings.max_test], test_y[: settings.max_test]
+    if settings.val_size >= len(train_x):
+        raise PipelineError(f"preprocess.val_size={settings.val_size} must be smaller than the "
                             f"{len(train_x)} training images")
-    val_idx, train_idx = carve(len(train_x), cfg.val_size, generator)
+    val_idx, train_idx = carve(len(train_x), settings.val_size, generator)
 
     def make(x, y):
-        return {"images": pad_images(x, cfg.pad_to), "labels": y.to(torch.int64).contiguous()}
+        return {"images": pad_images(x, settings.pad_to), "labels": y.to(torch.int64).contiguous()}
 
     splits = {"train": make(train_x[train_idx], train_y[train_idx]),
               "val": make(train_x[val_idx], train_y[val_idx]),
@@ -85,7 +82,7 @@ def prepare(raw: Raw, cfg, seed: int) -> tuple[dict, dict]:
 
 
 def main(args) -> None:
-    params = load_params()
+    params = load_params(choices={"data.dataset": DATASETS})
     dataset = DATASETS[params.data.dataset]
     raw = dataset.read(RAW_DIR / dataset.name, params.preprocess)
     splits, meta = prepare(raw, params.preprocess, params.seed)

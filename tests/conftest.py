@@ -68,9 +68,10 @@ def clean_env(**extra: str) -> dict:
 
 def run_stage(folder: Path, module: str, *args: str, timeout: float = 1800,
               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m stages.<module>` in `folder` the way dvc does, with this checkout on the path."""
+    """Run `python -m stages.<module>` (a stage; a dotted name such as tools.predict as it is) in `folder`
+    the way dvc does, with this checkout on the path."""
     env = clean_env(PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=folder, env=env,
+    return subprocess.run([sys.executable, "-m", module if "." in module else f"stages.{module}", *args], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

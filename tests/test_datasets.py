@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import write_params
 from stages import download, preprocess
-from stages.lib.data import load_meta, load_split
+from stages.lib.prepared import load_meta, load_split
 from stages.lib.datasets import CIFAR10, MNIST
 from stages.lib.errors import PipelineError
 
@@ -257,7 +257,7 @@ def test_ants_and_bees_with_resnet18_through_every_stage(tmp_path, serve_folder)
     assert "center-cropped" in (project / "models/export/MODEL_CARD.md").read_text()
 
     (tmp_path / "bee.jpg").write_bytes(jpeg((240, 220, 30), size=(120, 90)))
-    result = run_stage(project, "predict", "--json", str(tmp_path / "bee.jpg"))
+    result = run_stage(project, "tools.predict", "--json", str(tmp_path / "bee.jpg"))
     assert result.returncode == 0, result.stderr
     (answer,) = json.loads(result.stdout)
     assert {p["class"] for p in answer["top"]} == {"ants", "bees"}

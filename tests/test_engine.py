@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from conftest import make_params
-from stages.lib.engine import WeightAverage, learning_rate
-from stages.lib.models import FastCNN, FlipAveraged, build_model, freeze_backbone, model_config
+from stages.lib.training import WeightAverage, learning_rate
+from stages.lib.nets import FastCNN, FlipAveraged, build_model, freeze_backbone, model_config
 from stages.train import fingerprint
 
 
@@ -96,13 +96,19 @@ def test_pool_first_nets_pool_after_each_stages_first_conv():
 
 
 def test_evaluate_in_bf16_close_to_fp32_and_leaves_an_enclosing_autocast_alone():
-    from stages.lib.engine import evaluate, use_bf16
-    from stages.lib.loader import BatchLoader, make_normalizer
+    from stages.lib.device import use_bf16
+    from stages.lib.loader import BatchLoader
+    from stages.lib.training import logits_of, loss_and_accuracy
+    from stages.lib.transforms import Preprocess
+
+    def evaluate(net, loader, bf16=False):
+        loss, accuracy = loss_and_accuracy(*logits_of(net, loader, bf16), loader.batch_size)
+        return {"loss": loss, "accuracy": accuracy}
 
     torch.manual_seed(0)
     net = FastCNN(1, 10, [8, 16, 32], [1, 1, 1]).eval()
     images, labels = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (64,))
-    loader = BatchLoader(images, labels, 32, make_normalizer([0.3], [0.3], "cpu"))
+    loader = BatchLoader(images, labels, 32, Preprocess([28, 28], [28, 28], [0.3], [0.3]))
     fp32, bf16 = evaluate(net, loader), evaluate(net, loader, bf16=True)
     assert fp32["loss"] == pytest.approx(bf16["loss"], rel=0.05) and fp32["loss"] != bf16["loss"]
 

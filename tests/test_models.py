@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stages.lib.errors import PipelineError
-from stages.lib.models import Tudui, build_model, model_config
+from stages.lib.nets import Tudui, build_model, model_config
 
 
 def test_tutorial_shapes_layer_by_layer():

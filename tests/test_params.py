@@ -5,11 +5,15 @@ import pytest
 import yaml
 
 from conftest import REPO, raw_params, run_stage, write_params
+from stages.lib.datasets import DATASETS
+from stages.lib.nets import MODELS
 from stages.lib.params import ParamsError, flatten, load_params, validate
+
+CHOICES = {"data.dataset": DATASETS, "model.name": MODELS}  # what the stages that use the names pass in
 
 
 def test_committed_params_are_valid():
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml", CHOICES)
     assert params.train.lr == 0.01 and params.train.batch_size == 64
     assert params.train.epochs == 10 and params.model.name == "cifar10_quick"
     assert params.flat()["train.lr"] == 0.01
@@ -36,7 +40,7 @@ def test_committed_params_are_valid():
 ])
 def test_bad_values_are_named_with_what_is_allowed(overrides, message):
     with pytest.raises(ParamsError) as info:
-        validate(raw_params(overrides))
+        validate(raw_params(overrides), CHOICES)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

@@ -1,5 +1,5 @@
 """`dvc plots`: exactly the intended plots, each once, drawn offline in a real browser (Debian's chromium),
-and the script that makes DVC's page work offline (scripts/offline_plots.py)."""
+and the script that makes DVC's page work offline (tools/offline_plots.py)."""
 import base64
 import hashlib
 import importlib.util
@@ -18,7 +18,7 @@ INTENDED = {"loss", "accuracy", "confusion", "per_class"}
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("offline_plots", REPO / "scripts/offline_plots.py")
+    spec = importlib.util.spec_from_file_location("offline_plots", REPO / "tools/offline_plots.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -45,7 +45,7 @@ def test_plots_are_exactly_the_intended_ones_each_once(repo):
 def offline_template():
     """The page template `make plots` (and `make run`, `make test`) writes (it is fetched from the npm registry, which tests must not call)."""
     path = load_script().TEMPLATE
-    needs(path.is_file(), f"{path} is missing: run `make plots` (scripts/offline_plots.py)")
+    needs(path.is_file(), f"{path} is missing: run `make plots` (tools/offline_plots.py)")
     return path
 
 

@@ -1,4 +1,4 @@
-"""predict (`python -m stages.predict IMAGE...`) and the safety of loading model files.
+"""predict (`python -m tools.predict IMAGE...`) and the safety of loading model files.
 
 Everything runs in-process on the shared `trained_project` except two CLI runs (one success, one failure).
 The fixture's model is trained for one epoch on 500 images, so it is a poor classifier: tests compare
@@ -24,12 +24,10 @@ import torch
 from PIL import Image, ImageFile
 
 from conftest import run_stage
-from stages import predict as P
+from tools import predict as P
 from stages.lib.errors import PipelineError
-from stages.lib.images import load_image
+from stages.lib.images import MAX_PIXELS, ImageError, decode_image, read_image_file
 from stages.lib.modelfile import FORMAT, ModelFile, load_model, read_torch_file
-from stages.lib.images import MAX_PIXELS
-from stages.lib.imagefile import decode_image
 
 N_PARITY = 20
 
@@ -80,19 +78,23 @@ def model_input(ckpt: ModelFile) -> tuple[int, list[int]]:
     return ckpt.input["channels"], ckpt.input["size"]
 
 
+def load_image(path: Path, channels: int, size: list[int], invert: bool = False) -> torch.Tensor:
+    return torch.from_numpy(read_image_file(path, channels, size, invert))
+
+
 # --- 1. parity with training's preprocessing ----------------------------------------------------------
 
 def test_predict_matches_the_model_on_the_prepared_tensors(loaded, test_images, pictures):
     model, ckpt = loaded
     padded, _ = test_images
-    normalize = ckpt.normalizer()
+    normalize = ckpt.preprocess(padded=True)
     with torch.inference_mode():
         expected = model(normalize(padded)).softmax(1)
     # the check below is only informative if the model does not answer the same for every image
     assert (expected - expected[0]).abs().max() > 1e-3
 
     # the one preprocessing: image files -> exactly the tensors training fed the net
-    assert torch.equal(ckpt.prepare(ckpt.read_images(pictures)), normalize(padded))
+    assert torch.equal(ckpt.preprocess()(P.read_images(ckpt, pictures)), normalize(padded))
     results = P.predict(model, ckpt, pictures, top=len(ckpt.classes))
     assert [r["image"] for r in results] == [str(p) for p in pictures]
     for result, probs in zip(results, expected):
@@ -262,7 +264,7 @@ def test_decompression_bomb_is_refused_before_decoding(loaded, tmp_path, no_deco
     Image.new("1", (side, side)).save(bomb)  # ~10 MB in memory, a 10 kB file
     assert bomb.stat().st_size < 100_000
     began = time.perf_counter()
-    with pytest.raises(PipelineError, match="too large") as info:
+    with pytest.raises(ImageError, match="too large") as info:
         load_image(bomb, *model_input(ckpt))
     assert time.perf_counter() - began < 1
     assert str(info.value).startswith(f"{bomb}: ")
@@ -275,7 +277,7 @@ def test_huge_headers_are_refused_before_decoding(width, height, loaded, tmp_pat
     _, ckpt = loaded
     path = tmp_path / "huge.png"
     path.write_bytes(png_header(width, height))
-    with pytest.raises(PipelineError, match="too large") as info:
+    with pytest.raises(ImageError, match="too large") as info:
         load_image(path, *model_input(ckpt))
     assert str(info.value).startswith(f"{path}: ")
 
@@ -286,7 +288,7 @@ def test_png_header_helper_is_a_real_png(tmp_path):
     path.write_bytes(png_header(100, 100))
     with Image.open(path) as image:
         assert image.size == (100, 100)
-    with pytest.raises(PipelineError, match="damaged image"):
+    with pytest.raises(ImageError, match="damaged image"):
         load_image(path, 1, [28, 28])
 
 
@@ -442,7 +444,7 @@ def test_cli_json_matches_in_process_predict(trained_project, loaded, pictures, 
     with Image.open(pictures[1]) as image:
         image.convert("RGB").save(jpeg)
     paths = [pictures[0], jpeg]
-    result = run_stage(trained_project, "predict", *map(str, paths), "--json", "--top", "3")
+    result = run_stage(trained_project, "tools.predict", *map(str, paths), "--json", "--top", "3")
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     expected = P.predict(model, ckpt, paths, top=3)
@@ -457,7 +459,7 @@ def test_cli_refuses_a_malicious_model_with_one_error_line(trained_project, pict
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"format": FORMAT, "x": Payload(marker)}))  # a plain pickle, newest protocol
-    result = run_stage(trained_project, "predict", str(pictures[0]), "--model", str(evil))
+    result = run_stage(trained_project, "tools.predict", str(pictures[0]), "--model", str(evil))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {evil} "), result.stderr

@@ -1,6 +1,6 @@
 """The served model: export logs a pyfunc over image files and registers it; it loads without this
-repository; `python -m stages.serve` (what `make serve` runs) serves the newest registered version over
-HTTP, answers as `stages.predict` does, refuses bad payloads with one line and keeps serving."""
+repository; `python -m tools.serve` (what `make serve` runs) serves the newest registered version over
+HTTP, answers as `tools.predict` does, refuses bad payloads with one line and keeps serving."""
 from __future__ import annotations
 
 import base64
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, clean_env, free_port, run_stage, sh, wait_until_healthy, write_params
-from stages import predict as P
+from tools import predict as P
 from stages.lib.modelfile import load_model
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -81,7 +81,7 @@ def b64(data: bytes) -> str:
 
 
 def check_same_answers(rows: list[dict], expected: list[dict]) -> None:
-    """Served rows vs stages.predict's: the same classes in the same order, the same probabilities up to
+    """Served rows vs tools.predict's: the same classes in the same order, the same probabilities up to
     the 4-decimal rounding both apply (ONNX Runtime and PyTorch differ by ~1e-7 before it)."""
     assert len(rows) == len(expected)
     for row, want in zip(rows, expected):
@@ -134,7 +134,7 @@ import mlflow.pyfunc, pandas as pd
 model = mlflow.pyfunc.load_model("model")
 images = json.load(open("images.json"))
 rows = model.predict(pd.DataFrame({"image": images}), params={"top_k": 3}).to_dict(orient="records")
-print(json.dumps({"rows": rows, "imagefile": sys.modules["imagefile"].__file__,
+print(json.dumps({"rows": rows, "images": sys.modules["images"].__file__,
                   "project": sorted(m for m, module in sys.modules.items()
                                     if m.split(".")[0] == "stages" and module is not None)}))
 """
@@ -152,7 +152,7 @@ def test_registered_model_loads_without_this_repository(served, loaded, pictures
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    assert Path(answer["imagefile"]) == elsewhere / "model/code/imagefile.py"  # the copy inside the model
+    assert Path(answer["images"]) == elsewhere / "model/code/images.py"  # the copy inside the model
     assert answer["project"] == []
     model, ckpt = loaded
     check_same_answers(answer["rows"], P.predict(model, ckpt, pictures, top=3))
@@ -206,7 +206,7 @@ def test_server_answers_like_predict_refuses_bad_payloads_and_stops_cleanly(serv
     base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", str(port)], cwd=served,
+        server = subprocess.Popen([sys.executable, "-m", "tools.serve", "--port", str(port)], cwd=served,
                                   env=clean_env(PYTHONPATH=str(REPO)), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
 
@@ -265,7 +265,7 @@ def test_server_answers_like_predict_refuses_bad_payloads_and_stops_cleanly(serv
 
 def test_serve_without_a_registered_version_is_one_line(served, tmp_path):
     write_params(tmp_path, {"tracking": {"enabled": True, "uri": ""}})
-    result = run_stage(tmp_path, "serve", "--port", str(free_port()), timeout=300)
+    result = run_stage(tmp_path, "tools.serve", "--port", str(free_port()), timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: no version of '{NAME}' is registered: sqlite:///{tmp_path / 'mlflow.db'} does not exist yet; "
@@ -276,7 +276,7 @@ def test_serve_without_a_registered_version_is_one_line(served, tmp_path):
     # a store with runs but no version of this name
     shutil.copy(served / "mlflow.db", tmp_path / "mlflow.db")
     write_params(tmp_path, {"tracking": {"enabled": True, "uri": "", "registered_model": "another-model"}})
-    result = run_stage(tmp_path, "serve", "--port", str(free_port()), timeout=300)
+    result = run_stage(tmp_path, "tools.serve", "--port", str(free_port()), timeout=300)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no version of 'another-model' is registered in sqlite:///"), \
@@ -285,9 +285,9 @@ def test_serve_without_a_registered_version_is_one_line(served, tmp_path):
 
 def test_make_serve_runs_stages_serve_with_port_and_model_uri():
     out = sh(REPO, "make", "-n", "serve", "SERVE_PORT=5999", f"MODEL_URI=models:/{NAME}@champion", stdout_only=True)
-    assert f"-m stages.serve --port 5999 --model-uri 'models:/{NAME}@champion'" in out
+    assert f"-m tools.serve --port 5999 --model-uri 'models:/{NAME}@champion'" in out
     out = sh(REPO, "make", "-n", "serve", stdout_only=True)
-    assert "-m stages.serve --port 5002" in out and "--model-uri" not in out
+    assert "-m tools.serve --port 5002" in out and "--model-uri" not in out
 
 
 @pytest.mark.slow

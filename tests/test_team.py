@@ -1,4 +1,4 @@
-"""Team setup: the MLflow tracking server with logins on PostgreSQL (scripts/mlflow_server.py), DVC remotes
+"""Team setup: the MLflow tracking server with logins on PostgreSQL (tools/mlflow_server.py), DVC remotes
 (a folder, and SSH through a real sshd on loopback), and three clones standing in for three machines that
 share experiments through a bare git remote, the SSH remote and the server."""
 from __future__ import annotations

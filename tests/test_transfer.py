@@ -12,8 +12,9 @@ from torch import nn
 from conftest import make_params
 from stages.lib.loader import make_augmenter
 from stages.lib.errors import PipelineError
-from stages.lib.models import MODELS, build_model, freeze_backbone, model_config
-from stages.train import QUIET, fingerprint, fit
+from stages.lib.nets import MODELS, build_model, freeze_backbone, model_config
+from stages.lib.training import fit
+from stages.train import fingerprint
 
 SHAPES = {"gray32": [1, 32, 32], "rgb32": [3, 32, 32], "rgb64": [3, 64, 64]}  # (Fashion-)MNIST, CIFAR-10, folder
 RESNET18_FILE = "resnet18-f37072fd.pth"
@@ -33,7 +34,7 @@ def vgg16_template(vgg16=torchvision.models.vgg16) -> nn.Module:
 @pytest.fixture(autouse=True)
 def vgg16_initialised_once(monkeypatch):
     """torchvision's random init of VGG16 takes seconds on CPU and is not under test: every build starts
-    from a copy of one instance (the first-conv and head replacements in stages.lib.models still run)."""
+    from a copy of one instance (the first-conv and head replacements in stages.lib.nets still run)."""
     monkeypatch.setattr(torchvision.models, "vgg16", lambda: copy.deepcopy(vgg16_template()))
 
 
@@ -166,7 +167,7 @@ def test_fit_with_a_frozen_pretrained_backbone_updates_only_the_head(imagenet_re
     meta, data = tiny_data([3, 32, 32])
     params = make_params({"model": {"name": "resnet18", "pretrained": True, "freeze_backbone": True},
                           "train": {"batch_size": 8, "weight_decay": 1.0e-2, "momentum": 0.9}})
-    result = fit(params, meta, data, torch.device("cpu"), callbacks=QUIET)
+    result = list(fit(params, meta, data, torch.device("cpu")))[-1]
     model, ckpt = result.model, result.checkpoint
     start = built("resnet18", [3, 32, 32], 2, pretrained=True)  # fit seeds with params["seed"] == 0 too
     changed = {n for (n, a), b in zip(model.named_parameters(), start.parameters()) if not torch.equal(a, b)}
@@ -176,9 +177,9 @@ def test_fit_with_a_frozen_pretrained_backbone_updates_only_the_head(imagenet_re
 
 def test_fit_uses_augmentation_only_when_asked():
     meta, data = tiny_data([1, 32, 32])
-    plain = fit(make_params({"train": {"batch_size": 8}}), meta, data, torch.device("cpu"), callbacks=QUIET).history
+    plain = [epoch.row for epoch in fit(make_params({"train": {"batch_size": 8}}), meta, data, torch.device("cpu"))]
     augmented = make_params({"train": {"batch_size": 8, "augment_crop": 4, "augment_flip": True}})
-    assert fit(augmented, meta, data, torch.device("cpu"), callbacks=QUIET).history != plain
+    assert [epoch.row for epoch in fit(augmented, meta, data, torch.device("cpu"))] != plain
 
 
 def test_fingerprint_covers_the_new_settings():

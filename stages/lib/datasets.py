@@ -18,7 +18,7 @@ import torch
 
 from stages.lib.archives import extract
 from stages.lib.errors import PipelineError, one_line
-from stages.lib.fetch import fetch_file, fetch_source, is_url
+from stages.lib.sources import fetch_file, fetch_source, is_url
 from stages.lib.files import md5_file
 
 
@@ -84,11 +84,11 @@ class IdxDataset:
         except (OSError, EOFError, zlib.error):  # not gzip, truncated, or a corrupt deflate stream
             return False
 
-    def fetch(self, cfg, dest: Path) -> dict[str, str]:
+    def fetch(self, data, dest: Path) -> dict[str, str]:
         """Every file, verified, into `dest` from data.mirrors and the usual places; {file name: source used}."""
-        if cfg.md5:
+        if data.md5:
             raise PipelineError(f"data.md5 applies to one-file data sets (cifar10, imagefolder), not {self.name}")
-        return self.download(dest, self.sources(cfg.mirrors), cfg.timeout_s)
+        return self.download(dest, self.sources(data.mirrors), data.timeout_s)
 
     def download(self, dest: Path, sources: list[str], timeout_s: float) -> dict[str, str]:
         dest.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ class IdxDataset:
             f", or apt-get install {self.debian_package} (Debian)" if self.debian_package else "")
         return fetch_file(name, sources, dest, timeout_s, lambda path: self.file_matches(path, name, md5), hint)
 
-    def read(self, raw: Path, cfg) -> Raw:
+    def read(self, raw: Path, preprocess) -> Raw:
         names = [name for name, _ in self.files]
         missing = [n for n in names if not (raw / n).exists()]
         if missing:
@@ -170,16 +170,16 @@ class CifarDataset:
         tv = _torchvision_dataset(self.torchvision_class)
         return [(tv.filename, tv.tgz_md5)]
 
-    def fetch(self, cfg, dest: Path) -> dict[str, str]:
+    def fetch(self, data, dest: Path) -> dict[str, str]:
         """The tarball, md5-checked (data.md5 replaces the official md5 for a repacked copy)."""
         dest.mkdir(parents=True, exist_ok=True)
         (name, md5), = self.files
-        md5 = cfg.md5 or md5
-        sources = list(dict.fromkeys([*cfg.mirrors, *self.official_mirrors]))
+        md5 = data.md5 or md5
+        sources = list(dict.fromkeys([*data.mirrors, *self.official_mirrors]))
         hint = "Put the official file in a folder listed under data.mirrors in params.yaml"
-        return {name: fetch_file(name, sources, dest, cfg.timeout_s, lambda path: md5_file(path) == md5, hint)}
+        return {name: fetch_file(name, sources, dest, data.timeout_s, lambda path: md5_file(path) == md5, hint)}
 
-    def read(self, raw: Path, cfg) -> Raw:
+    def read(self, raw: Path, preprocess) -> Raw:
         """The tarball -> train (50,000) and test (10,000) images of 3×32×32, unpacked safely."""
         import numpy as np
 
@@ -230,25 +230,25 @@ class ImageFolderDataset:
 
     name: str = "imagefolder"
 
-    def fetch(self, cfg, dest: Path) -> dict[str, str]:
+    def fetch(self, data, dest: Path) -> dict[str, str]:
         """Copy the folder, or fetch the archive (md5-checked when data.md5 is set) and unpack it safely."""
-        source = cfg.source
+        source = data.source
         if not is_url(source) and Path(source).is_dir():
             shutil.copytree(source, dest)
             return {"": source}
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
             archive = Path(tmp) / "archive"  # only the unpacked images are kept
-            fetch_source(source, archive, cfg.timeout_s)
-            if cfg.md5 and md5_file(archive) != cfg.md5:
-                raise PipelineError(f"{source}: md5 {md5_file(archive)} does not match data.md5 {cfg.md5}")
+            fetch_source(source, archive, data.timeout_s)
+            if data.md5 and md5_file(archive) != data.md5:
+                raise PipelineError(f"{source}: md5 {md5_file(archive)} does not match data.md5 {data.md5}")
             extract(archive, dest)
         return {"": source}
 
-    def read(self, raw: Path, cfg) -> Raw:
+    def read(self, raw: Path, preprocess) -> Raw:
         """Every image under the class folders as uint8 3×S×S (S = preprocess.image_size: shorter side
         resized, center crop); unreadable files are skipped and listed."""
-        from stages.lib.images import load_image
+        from stages.lib.images import ImageError, read_image_file
 
         if not raw.is_dir():
             raise PipelineError(f"{raw} not found; run the download stage first")
@@ -270,8 +270,8 @@ class ImageFolderDataset:
                 count = 0
                 for path in sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith(".")):
                     try:
-                        images.append(load_image(path, 3, [cfg.image_size] * 2, resize="center_crop"))
-                    except PipelineError as exc:
+                        images.append(torch.from_numpy(read_image_file(path, 3, [preprocess.image_size] * 2, resize="center_crop")))
+                    except ImageError as exc:
                         skipped.append(str(exc))
                         continue
                     labels.append(index)

@@ -8,6 +8,7 @@ old folder only when the stage succeeded. DVC is told not to delete these output
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -137,6 +138,26 @@ def replaced_dir(target: str | os.PathLike):
         shutil.rmtree(staging, ignore_errors=True)
         if old.exists() and not target.exists():  # the swap itself failed half-way: put the old one back
             os.replace(old, target)
+
+
+@contextmanager
+def restored_on_failure(*paths: str | os.PathLike):
+    """Files a block rewrites as it goes (train's live metrics): when the block fails or is interrupted,
+    each is put back as it was before (or removed, if it did not exist), and folders it created for
+    them are removed when empty."""
+    paths = [Path(path) for path in paths]
+    before = {path: path.read_bytes() if path.is_file() else None for path in paths}
+    new_folders = [folder for folder in dict.fromkeys(path.parent for path in paths) if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        write_files({path: content for path, content in before.items() if content is not None})
+        for path in (path for path, content in before.items() if content is None):
+            path.unlink(missing_ok=True)
+        for folder in new_folders:
+            with contextlib.suppress(OSError):  # left alone if anything else was written there
+                folder.rmdir()
+        raise
 
 
 def clear_temps(*paths: str | os.PathLike) -> None:

@@ -1,7 +1,7 @@
 """Batches of in-memory uint8 images, ready for the net: `for images, labels in loader:`.
 
-Images stay uint8 (on the GPU when there is one) and are shuffled, augmented and normalized a whole batch
-at a time, in channels_last layout, which these nets run fastest in on a CPU; no DataLoader workers and no
+Images stay uint8 (on the GPU when there is one) and are shuffled, augmented and normalized (`normalize`:
+transforms.Preprocess, the one normalization) a whole batch at a time, in channels_last layout, which these nets run fastest in on a CPU; no DataLoader workers and no
 per-sample PIL. In a process group every rank draws the same global batches and keeps its slice of each
 (batch[rank::world]), so N processes see exactly the batches and augmentations one process would.
 """
@@ -13,19 +13,6 @@ import torch
 from torch import nn
 
 from stages.lib.distributed import SINGLE, Group
-
-
-def make_normalizer(mean: list[float], std: list[float], device: torch.device | str) -> Callable:
-    """uint8 N×C×H×W -> float32 (x/255 - mean)/std, channels_last, on `device`."""
-    shape = (1, len(mean), 1, 1)
-    scale = (1.0 / (255.0 * torch.tensor(std))).view(shape).to(device)
-    shift = (torch.tensor(mean) / torch.tensor(std)).view(shape).to(device)
-
-    def normalize(images: torch.Tensor) -> torch.Tensor:
-        x = images.to(device, non_blocking=True).float().mul_(scale).sub_(shift)
-        return x.contiguous(memory_format=torch.channels_last)
-
-    return normalize
 
 
 def make_augmenter(crop: int, flip: bool, generator: torch.Generator) -> Callable | None:

@@ -12,14 +12,15 @@ import pickle
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from stages.lib import faults
 from stages.lib.errors import PipelineError, one_line
-from stages.lib.files import torch_bytes
-from stages.lib.loader import make_normalizer
-from stages.lib.models import build_model
+from stages.lib.files import atomic_path, torch_bytes
+from stages.lib.nets import build_model
+from stages.lib.paths import CHECKPOINT, MODEL
+from stages.lib.transforms import Preprocess, RawImageNet
 
 FORMAT = "tudui-pipeline/1"
 
@@ -56,7 +57,7 @@ def _reason(exc: Exception) -> str:
 
 @dataclass(frozen=True)
 class ModelFile:
-    config: dict          # the architecture: build_model(config) rebuilds the net (stages.lib.models)
+    config: dict          # the architecture: build_model(config) rebuilds the net (stages.lib.nets)
     epoch: int            # epochs trained
     state_dict: dict      # the weights (the weight average when train.ema is on)
     classes: list[str]    # output i is classes[i]
@@ -71,7 +72,7 @@ class ModelFile:
         return torch_bytes({"format": FORMAT, "model": content.pop("config"), **content})
 
     @classmethod
-    def load(cls, path: str | Path = "models/model.pt", map_location="cpu") -> "ModelFile":
+    def load(cls, path: str | Path = MODEL, map_location="cpu") -> "ModelFile":
         content = read_torch_file(path, map_location)
         missing = [key for key in ("classes", "input", "normalization", "epoch") if key not in content]
         if missing:
@@ -90,43 +91,49 @@ class ModelFile:
             raise PipelineError(f"weights do not fit {self.config} ({one_line(exc)})") from None
         return model.to(device).eval()
 
-    def normalizer(self, device: torch.device | str = "cpu") -> Callable:
-        """uint8 N×C×H'×W' at the net's size -> the normalized float input (see stages.lib.loader)."""
-        return make_normalizer(self.normalization["mean"], self.normalization["std"], device)
-
-    def read_images(self, paths: list[Path], invert: bool = False) -> torch.Tensor:
-        """Image files (any format and mode Pillow reads) -> uint8 N×C×H×W as the data set stores its
-        images: converted to its channels and fitted to its size the way preprocess fitted them
-        (imagefile.decode_image, the code the served model runs too)."""
-        from stages.lib.images import load_image
-
-        spec = self.input
-        return torch.stack([load_image(p, spec["channels"], spec["size"], invert, spec["resize"]) for p in paths])
-
-    def preprocessor(self) -> torch.nn.Module:
-        """uint8 N×C×H×W at the data set's size -> the net's input (preprocessing.Preprocess): zero-padded
-        like the training data, scaled and normalized; the same module runs inside model.onnx."""
-        from stages.lib.preprocessing import Preprocess
-
-        return Preprocess(self.input["size"], self.input["pad_to"], self.normalization["mean"],
-                          self.normalization["std"])
-
-    def prepare(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """uint8 images at the data set's size -> the net's input (see `preprocessor`)."""
-        return self.preprocessor().to(device)(images.to(device))
+    def preprocess(self, padded: bool = False) -> Preprocess:
+        """uint8 N×C×H×W images at the data set's size (or, `padded`, as preprocess stored them) -> the
+        net's input: transforms.Preprocess with this model's input spec and normalization."""
+        return Preprocess.of(self.input, self.normalization, padded)
 
     def raw_net(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` (the built net) on uint8 images at the data set's size -> (logits, probabilities), in
         eval mode: what export writes to model.onnx."""
-        from stages.lib.preprocessing import RawImageNet
-
-        return RawImageNet(self.preprocessor().to(next(model.parameters()).device), model).eval()
+        return RawImageNet(self.preprocess().to(next(model.parameters()).device), model).eval()
 
 
-def load_model(path: str | Path = "models/model.pt", device: torch.device | str = "cpu"):
+def load_model(path: str | Path = MODEL, device: torch.device | str = "cpu"):
     """(the trained net in eval mode on `device`, its ModelFile); every error names the file."""
     model_file = ModelFile.load(path, device)
     try:
         return model_file.build(device), model_file
     except PipelineError as exc:
         raise PipelineError(f"{path}: {exc}") from None
+
+
+def save_checkpoint(ckpt: dict, path: Path = CHECKPOINT) -> None:
+    """Train's resume state: training.fit's checkpoint (the model file's format, plus optimizer and RNG
+    states), with the run's fingerprint and MLflow run id."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(torch_bytes(ckpt))
+        faults.at("checkpoint", ckpt["epoch"])
+
+
+def load_checkpoint(path: Path, fingerprint: str, epochs: int, say=print) -> dict | None:
+    """The checkpoint to resume from: None (with the reason said) when there is none, it is unreadable,
+    it was made with other settings or data (`fingerprint`), or it already has `epochs` epochs."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = read_torch_file(path)
+    except PipelineError as exc:
+        say(f"{exc}: starting over")
+        return None
+    if ckpt.get("fingerprint") != fingerprint:
+        say(f"{path} was trained with other settings or data: starting over")
+        return None
+    if ckpt["epoch"] >= epochs:
+        say(f"{path} already has {ckpt['epoch']} epochs (asked for {epochs}): starting over")
+        return None
+    say(f"resuming from {path} after epoch {ckpt['epoch']}")
+    return ckpt

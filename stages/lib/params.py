@@ -3,7 +3,9 @@
 `load_params()` reads the file as YAML 1.2, exactly as DVC reads it (`lr: 1e-3` is a float), and returns
 a `Params` object (`params.train.lr`). Every key is required; an unknown key (with a "did you mean"), a
 wrong type, an out-of-range number or an unknown name raises ParamsError with one line that says what
-is allowed. The data set and model names come from their registries.
+is allowed. The data set and model names are checked against their registries (stages/lib/datasets.py,
+stages/lib/nets.py) by the stages that use them, which pass the registry in (`choices`): importing the
+registries here would make every stage depend on every data set's download code and every net.
 """
 from __future__ import annotations
 
@@ -13,14 +15,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from stages.lib.datasets import DATASETS
 from stages.lib.errors import PipelineError, one_line
-from stages.lib.models import MODELS
-
-DatasetName = Literal[tuple(DATASETS)]
-ModelName = Literal[tuple(MODELS)]
 
 
 class ParamsError(PipelineError):
@@ -31,12 +28,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def _one_of(key: str, value: str, info: ValidationInfo) -> str:
+    """`value` when it is a name of the registry the caller passed for `key` (or none was passed)."""
+    allowed = (info.context or {}).get(key)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
 class Data(Section):
-    dataset: DatasetName
+    dataset: str
     mirrors: list[Annotated[str, Field(min_length=1)]]
     source: str
     md5: str
     timeout_s: float = Field(gt=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, name: str, info: ValidationInfo) -> str:
+        return _one_of("data.dataset", name, info)
 
 
 class Preprocess(Section):
@@ -49,10 +59,15 @@ class Preprocess(Section):
 
 
 class Model(Section):
-    name: ModelName
+    name: str
     pretrained: bool
     freeze_backbone: bool
     tta_flip: bool
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str, info: ValidationInfo) -> str:
+        return _one_of("model.name", name, info)
 
 
 class Train(Section):
@@ -180,12 +195,13 @@ def _message(error: dict) -> str:
                            got=f"got {type(value).__name__} {value!r}", **ctx) + hint
 
 
-def validate(raw) -> Params:
-    """Check a mapping read from params.yaml; ParamsError (one line) on the first problem."""
+def validate(raw, choices: dict | None = None) -> Params:
+    """Check a mapping read from params.yaml; ParamsError (one line) on the first problem. `choices`:
+    {"data.dataset": the data set registry, "model.name": the net registry}, whichever the caller uses."""
     if not isinstance(raw, dict):
         raise ParamsError(f"params must be a mapping, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context=choices or {})
     except ValidationError as exc:
         errors = exc.errors()
         first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # "did you mean" first
@@ -205,8 +221,8 @@ def read_yaml(path: str | os.PathLike):
         raise ParamsError(f"{path} is not valid YAML: {one_line(exc)}") from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    return validate(read_yaml(path))
+def load_params(path: str | os.PathLike = "params.yaml", choices: dict | None = None) -> Params:
+    return validate(read_yaml(path), choices)
 
 
 def flatten(params: dict, prefix: str = "") -> dict:

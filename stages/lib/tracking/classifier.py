@@ -1,12 +1,12 @@
 """The served MLflow model's code: image files in, class names out. Export logs it as an MLflow "model
-from code" (stages/lib/serving.py), with imagefile.py copied beside it and the raw-image model.onnx as
+from code" (stages/lib/tracking/pyfunc.py), with stages/lib/images.py copied beside it and the raw-image model.onnx as
 its artifact. It imports nothing from this repository: the model loads wherever mlflow, onnxruntime (or
 torch, for a .pt2 program), numpy, pandas and Pillow are installed. Not imported by the pipeline itself.
 
 Input: a DataFrame with one string column `image`, each a base64-encoded image file (PNG, JPEG, ... any
 size and mode). Params: `top_k` (default 3) and `invert` (for dark-on-light photos of light-on-dark data
 sets such as Fashion-MNIST). Output, one row per image: `class`, `probability` and `top`, the top_k
-classes with their probabilities, as `python -m stages.predict --json` gives them.
+classes with their probabilities, as `python -m tools.predict --json` gives them.
 
 Model config (MLmodel; `SERVING_MODEL_CONFIG='{"threads": 2}'` overrides it when served): `classes`,
 `input` (channels, size, resize: how to decode), `threads` (CPU threads per request, default 1: a steady
@@ -26,7 +26,7 @@ from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from imagefile import ImageError, decode_image  # copied beside this file into the model (its code/ folder)
+from images import ImageError, decode_image  # stages/lib/images.py, copied beside this file into the model (its code/ folder)
 
 
 class BadRequest(MlflowException):

@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stages.lib.errors import PipelineError
+from stages.lib.paths import PREPARED_DIR
 
-PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "val", "test")
 
 
@@ -40,13 +39,3 @@ def training_images(data: dict, train_on_val: bool) -> tuple[torch.Tensor, torch
         return data["train"]
     (x, y), (vx, vy) = data["train"], data["val"]
     return torch.cat([x, vx]), torch.cat([y, vy])
-
-
-def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """N×H×W or N×C×H×W uint8 -> N×C×H'×W', zero-padded evenly up to size×size (28 -> 32 pads 2 on
-    each side). Images already that large are left as they are."""
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    h, w = images.shape[-2:]
-    ph, pw = max(size - h, 0), max(size - w, 0)
-    return F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)).contiguous()

@@ -1,6 +1,6 @@
 """serve — the classifier over HTTP: the newest registered version of the model (`make serve`).
 
-    python -m stages.serve [--port 5002] [--model-uri models:/tudui-classifier@champion]
+    python -m tools.serve [--port 5002] [--model-uri models:/tudui-classifier@champion]
 
 Runs `mlflow models serve --env-manager local` on 127.0.0.1 with this venv's packages: nothing is
 installed or downloaded, so it works offline. The model is tracking.registered_model's highest version
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from stages.lib.errors import PipelineError, one_line, run
 from stages.lib.params import load_params
-from stages.lib.tracking import _configure_mlflow, tracking_uri
+from stages.lib.tracking.runs import _configure_mlflow, tracking_uri
 
 
 def newest_version(uri: str, name: str) -> str:
@@ -51,10 +51,10 @@ def add_arguments(parser) -> None:
 def main(args) -> None:
     if not 0 < args.port < 65536:
         raise PipelineError(f"--port must be 1..65535, got {args.port}")
-    cfg = load_params().tracking
-    _configure_mlflow(cfg.timeout_s)
-    uri = tracking_uri(cfg)
-    model_uri = args.model_uri or newest_version(uri, cfg.registered_model)
+    tracking = load_params().tracking
+    _configure_mlflow(tracking.timeout_s)
+    uri = tracking_uri(tracking)
+    model_uri = args.model_uri or newest_version(uri, tracking.registered_model)
     venv_bin = str(Path(sys.executable).parent)  # mlflow starts uvicorn from PATH: this venv's
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     print(f"serving {model_uri} (store {uri}) on http://127.0.0.1:{args.port}/invocations; Ctrl-C stops it",

@@ -1,6 +1,6 @@
-"""The served model, described for MLflow: a pyfunc over image files (served_model.py, with imagefile.py
+"""The served model, described for MLflow: a pyfunc over image files (classifier.py, with stages/lib/images.py
 beside it) that runs the raw-image model.onnx, with its signature, params, input example and pip
-requirements. The tracker logs and registers it after export (tracking.py); the serving benchmark saves
+requirements. The tracker logs and registers it after export (runs.py); the serving benchmark saves
 it to folders, once with model.onnx (ONNX Runtime) and once with a torch.export program (PyTorch).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-CODE = Path(__file__).with_name("served_model.py")
-IMAGE_CODE = Path(__file__).with_name("imagefile.py")  # the decoding predict uses, shipped with the model
+CODE = Path(__file__).with_name("classifier.py")
+IMAGE_CODE = Path(__file__).parents[1] / "images.py"  # the decoding predict uses, shipped with the model
 TOP_K = 3
 
 
@@ -56,15 +56,18 @@ def requirements(model_path: Path) -> list[str]:
 def model_spec(model_path: Path, classes: list[str], input_spec: dict, example: bytes) -> dict:
     """Arguments of mlflow.pyfunc.log_model / save_model for the model file `model_path` (model.onnx,
     or a .pt2 torch.export program of the same raw-image net); `example`: a real image file's bytes."""
+    import importlib.util
     import sys
 
     import pandas as pd
 
-    from stages.lib import imagefile
-
-    # MLflow runs the code file while logging it, before the model's code/ folder is on sys.path: let its
-    # `import imagefile` find this very module (the model itself gets the copy in code_paths).
-    sys.modules.setdefault("imagefile", imagefile)
+    # MLflow runs the code file while logging it, before the model's code/ folder is on sys.path: give its
+    # `import images` the file the model carries (code_paths), loaded as the served model will load it.
+    if "images" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("images", IMAGE_CODE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["images"] = module
     return {"python_model": str(CODE), "code_paths": [str(IMAGE_CODE)], "artifacts": {"model": str(model_path)},
             "model_config": {"classes": list(classes), "input": dict(input_spec), "threads": 1},
             "signature": signature(), "input_example": (pd.DataFrame({"image": [b64(example)]}), {"top_k": TOP_K}),

@@ -1,8 +1,8 @@
 """`make mlflow-server`: a shared MLflow tracking server with logins, backed by a private PostgreSQL cluster.
 
-    python scripts/mlflow_server.py [--host 127.0.0.1] [--port 5001] [--dir mlserver]
-    python scripts/mlflow_server.py --add-user NAME [--read-only]   # a login; the password is asked for
-    python scripts/mlflow_server.py --stop            # stop a PostgreSQL left running by a killed server
+    python tools/mlflow_server.py [--host 127.0.0.1] [--port 5001] [--dir mlserver]
+    python tools/mlflow_server.py --add-user NAME [--read-only]   # a login; the password is asked for
+    python tools/mlflow_server.py --stop            # stop a PostgreSQL left running by a killed server
 
 Python rather than shell: the script owns two servers and must stop both on Ctrl-C, SIGTERM, a
 closed terminal or a failed start; try/finally and subprocess say that more plainly than traps.
@@ -118,14 +118,14 @@ def init_cluster(bin_dir: Path, pgdata: Path) -> None:
         raise Fail(f"initdb failed: {result.stderr.strip()}")
     # '.' is the data folder: the postmaster runs inside it.
     with open(pgdata / "postgresql.conf", "a") as conf:
-        conf.write("\n# scripts/mlflow_server.py: no TCP, socket inside this folder\n"
+        conf.write("\n# tools/mlflow_server.py: no TCP, socket inside this folder\n"
                    "listen_addresses = ''\nunix_socket_directories = '.'\nport = 5432\n")
 
 
 def check_not_running(bin_dir: Path, pgdata: Path) -> None:
     if pg_ctl(bin_dir, pgdata, "status").returncode == 0:
         raise Fail(f"PostgreSQL is already running in {pgdata} (another mlflow server, or one that was "
-                   f"killed?): stop it first with `python scripts/{Path(__file__).name} --stop --dir {pgdata.parent}`")
+                   f"killed?): stop it first with `python tools/{Path(__file__).name} --stop --dir {pgdata.parent}`")
 
 
 def start_postgres(bin_dir: Path, pgdata: Path, log: Path) -> None:
@@ -296,7 +296,7 @@ def serve(args, bin_dir: Path, folder: Path) -> int:
             source = ("MLFLOW_AUTH_ADMIN_PASSWORD" if os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
                       else f"{password_file} (mode 0600)")
             login = (f"logins: user {ADMIN!r} with the password in {source}\n"
-                     f"add a teammate: python scripts/{Path(__file__).name} --add-user NAME [--read-only] "
+                     f"add a teammate: python tools/{Path(__file__).name} --add-user NAME [--read-only] "
                      f"--port {args.port}\n"
                      "clients log in with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
         print(f"MLflow tracking server on {url}: runs in PostgreSQL ({pgdata}), artifacts in {artifacts}\n"

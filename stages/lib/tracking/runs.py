@@ -20,17 +20,17 @@ import time
 from pathlib import Path
 
 from stages.lib.errors import PipelineError, one_line
+from stages.lib.paths import RUN_FILE
 
-RUN_FILE = Path("models/mlflow_run.json")
 
 
 def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
-def tracking_uri(cfg) -> str:
+def tracking_uri(tracking) -> str:
     """tracking.uri when set, else MLFLOW_TRACKING_URI, else the sqlite store in the repo root."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def _configure_mlflow(timeout_s: float) -> None:
@@ -120,19 +120,19 @@ def _sqlite_contention(exc: Exception, uri: str) -> bool:
 class Tracker:
     """Logs to one MLflow run through MlflowClient; every method is a no-op once tracking is off."""
 
-    def __init__(self, cfg, run_id: str | None = None):
-        self.cfg, self.run_id, self.client, self.monitor = cfg, run_id, None, None
+    def __init__(self, tracking, run_id: str | None = None):
+        self.tracking, self.run_id, self.client, self.monitor = tracking, run_id, None, None
 
     def _open(self) -> "Tracker":
-        if self.cfg.enabled:
+        if self.tracking.enabled:
             self._guard(self._connect)
         return self
 
     def _connect(self):
-        _configure_mlflow(self.cfg.timeout_s)
+        _configure_mlflow(self.tracking.timeout_s)
         from mlflow import MlflowClient
 
-        uri = tracking_uri(self.cfg)
+        uri = tracking_uri(self.tracking)
         if not uri.startswith("sqlite:///"):
             self.client = MlflowClient(uri)
             return
@@ -162,20 +162,20 @@ class Tracker:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # tracking must never be what breaks a stage
-                if attempt < SQLITE_RETRIES and _sqlite_contention(exc, tracking_uri(self.cfg)):
+                if attempt < SQLITE_RETRIES and _sqlite_contention(exc, tracking_uri(self.tracking)):
                     time.sleep(min(0.2 * 2 ** attempt, 3.0) * (0.5 + random.random()))
                     continue
-                print(f"warning: MLflow tracking off for this stage ({tracking_uri(self.cfg)}): {one_line(exc)}",
+                print(f"warning: MLflow tracking off for this stage ({tracking_uri(self.tracking)}): {one_line(exc)}",
                       file=sys.stderr, flush=True)
                 self.client = None
                 return None
 
     @classmethod
-    def start(cls, cfg, params, env: dict, meta: dict, run_id: str | None = None) -> "Tracker":
+    def start(cls, tracking, params, env: dict, meta: dict, run_id: str | None = None) -> "Tracker":
         """Open a run for this training (or reopen `run_id`, the run a resumed training began) and start
         sampling the machine's CPU and memory into it; the id is None when tracking is off or failing.
         train writes `record()` to RUN_FILE with its other outputs."""
-        tracker = cls(cfg)._open()
+        tracker = cls(tracking)._open()
         if tracker.client:
             tracker.run_id = run_id if run_id and tracker._reopen(run_id) else tracker._create_run(params, env, meta)
         if tracker.active:
@@ -193,14 +193,14 @@ class Tracker:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" lines
-        mlflow.set_tracking_uri(tracking_uri(self.cfg))
+        mlflow.set_tracking_uri(tracking_uri(self.tracking))
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_EVERY_S, samples_before_logging=1)
         monitor.start()
         return monitor
 
     def record(self) -> dict:
         """What RUN_FILE holds: the run evaluate and export add to."""
-        return {"run_id": self.run_id, "tracking_uri": tracking_uri(self.cfg) if self.run_id else None}
+        return {"run_id": self.run_id, "tracking_uri": tracking_uri(self.tracking) if self.run_id else None}
 
     def _reopen(self, run_id: str) -> bool:
         try:
@@ -210,7 +210,7 @@ class Tracker:
             return False
 
     def _experiment_id(self) -> str:
-        name, uri = self.cfg.experiment, tracking_uri(self.cfg)
+        name, uri = self.tracking.experiment, tracking_uri(self.tracking)
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
@@ -240,14 +240,14 @@ class Tracker:
         return run.info.run_id if self.client else None
 
     @classmethod
-    def resume(cls, cfg) -> "Tracker":
+    def resume(cls, tracking) -> "Tracker":
         """The run train opened, for evaluate and export to add to."""
         try:
             run_id = json.loads(RUN_FILE.read_text()).get("run_id")
         except (OSError, ValueError):
             run_id = None
-        tracker = cls(cfg, run_id)
-        if cfg.enabled and not run_id:  # e.g. train ran with tracking off: `dvc repro` would not rerun it
+        tracker = cls(tracking, run_id)
+        if tracking.enabled and not run_id:  # e.g. train ran with tracking off: `dvc repro` would not rerun it
             print(f"warning: MLflow tracking off for this stage: {RUN_FILE} names no run (train ran with tracking "
                   "off or failing); `dvc repro --force train` logs a new one", file=sys.stderr, flush=True)
         return tracker._open() if run_id else tracker
@@ -280,7 +280,7 @@ class Tracker:
             self._guard(log, self.run_id, str(path), artifact_path)
 
     def log_model(self, model_path: Path, model_file, example, test_accuracy: float | None) -> None:
-        """The served model (stages/lib/serving.py: a pyfunc over image files running `model_path`, the
+        """The served model (stages/lib/tracking/pyfunc.py: a pyfunc over image files running `model_path`, the
         raw-image model.onnx) into this run, then registered as a new version of tracking.registered_model
         with version_tags(). `example`: a real test image, uint8 C×H×W, for the input example."""
         if self.active:
@@ -291,9 +291,9 @@ class Tracker:
     def _log_model(self, model_path, model_file, example) -> str:
         import mlflow
 
-        from stages.lib.serving import model_spec, png_bytes
+        from stages.lib.tracking.pyfunc import model_spec, png_bytes
 
-        mlflow.set_tracking_uri(tracking_uri(self.cfg))
+        mlflow.set_tracking_uri(tracking_uri(self.tracking))
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(name="model", **model_spec(model_path, model_file.classes, model_file.input,
                                                                       png_bytes(example)))
@@ -302,7 +302,7 @@ class Tracker:
     def _register(self, model_uri: str, tags: dict) -> None:
         import mlflow
 
-        version = mlflow.register_model(model_uri, self.cfg.registered_model, tags=tags)
+        version = mlflow.register_model(model_uri, self.tracking.registered_model, tags=tags)
         print(f"registered {version.name} version {version.version} (models:/{version.name}/{version.version})")
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -316,15 +316,15 @@ class Tracker:
             self._guard(self.client.set_terminated, self.run_id, status)
 
 
-def ui_url(cfg, base: str) -> str:
+def ui_url(tracking, base: str) -> str:
     """The UI page that lists this pipeline's runs with their curves (MLflow 3 otherwise opens its
     GenAI view of an experiment, which shows "No data" for training runs)."""
-    _configure_mlflow(cfg.timeout_s)
+    _configure_mlflow(tracking.timeout_s)
     from mlflow import MlflowClient
 
-    experiment = MlflowClient(tracking_uri(cfg)).get_experiment_by_name(cfg.experiment)
+    experiment = MlflowClient(tracking_uri(tracking)).get_experiment_by_name(tracking.experiment)
     if experiment is None:
-        return f"{base}/  (no runs yet: the experiment {cfg.experiment!r} appears after the first training)"
+        return f"{base}/  (no runs yet: the experiment {tracking.experiment!r} appears after the first training)"
     return (f"{base}/#/experiments/{experiment.experiment_id}/runs"
             "?workflowType=machine_learning&compareRunsMode=CHART")
 
@@ -337,6 +337,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Print the tracking store and the MLflow UI link for this project")
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args()
-    cfg = load_params().tracking
-    print(f"store: {tracking_uri(cfg)}")
-    print(f"open:  {ui_url(cfg, f'http://127.0.0.1:{args.port}')}")
+    tracking = load_params().tracking
+    print(f"store: {tracking_uri(tracking)}")
+    print(f"open:  {ui_url(tracking, f'http://127.0.0.1:{args.port}')}")

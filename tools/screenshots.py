@@ -1,11 +1,11 @@
 """`make screenshots`: pictures of this checkout's real runs for the README, taken with headless Chromium.
 
-    python scripts/screenshots.py [--out docs/images] [REV ...]
+    python tools/screenshots.py [--out docs/images] [REV ...]
 
 - docs/images/mlflow-runs.png and mlflow-table.png: the MLflow UI's runs view (chart and table) of the
   project's store (`mlflow.db`), served by `mlflow ui` on a free loopback port for the occasion;
 - docs/images/dvc-plots.png: `dvc plots diff` of the given revisions or experiments (default: the
-  workspace and every experiment of HEAD), drawn offline with scripts/offline_plots.py's template.
+  workspace and every experiment of HEAD), drawn offline with tools/offline_plots.py's template.
 
 Needs Debian's chromium (`apt-get install chromium`); without it, says so in one line and exits 1.
 """
@@ -54,12 +54,12 @@ def free_address() -> tuple[str, int]:
 def mlflow_pictures(browser: str, out: Path) -> None:
     sys.path.insert(0, str(REPO))
     from stages.lib.params import load_params
-    from stages.lib.tracking import tracking_uri
+    from stages.lib.tracking.runs import tracking_uri
 
-    cfg = load_params(REPO / "params.yaml").tracking
+    tracking = load_params(REPO / "params.yaml").tracking
     host, port = free_address()
     base = f"http://{host}:{port}"
-    server = subprocess.Popen([Path(sys.executable).with_name("mlflow"), "ui", "--backend-store-uri", tracking_uri(cfg),
+    server = subprocess.Popen([Path(sys.executable).with_name("mlflow"), "ui", "--backend-store-uri", tracking_uri(tracking),
                                "--host", host, "--port", str(port), "--allowed-hosts", f"{host}:{port}",
                                "--cors-allowed-origins", base], cwd=REPO, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -74,7 +74,7 @@ def mlflow_pictures(browser: str, out: Path) -> None:
                 if server.poll() is not None or time.monotonic() > deadline:
                     sys.exit("error: `mlflow ui` did not start")
                 time.sleep(1)
-        name = urllib.request.quote(cfg.experiment)
+        name = urllib.request.quote(tracking.experiment)
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}") as r:
             experiment = json.load(r)["experiment"]["experiment_id"]
         runs = f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning&compareRunsMode="
@@ -92,7 +92,7 @@ def dvc_plots_picture(browser: str, out: Path, revisions: list[str]) -> None:
         revisions = ["workspace", *listed.stdout.split()]
     template = REPO / ".dvc/tmp/plots_offline.html"
     if not template.is_file():
-        subprocess.run([sys.executable, str(REPO / "scripts/offline_plots.py")], cwd=REPO, check=True)
+        subprocess.run([sys.executable, str(REPO / "tools/offline_plots.py")], cwd=REPO, check=True)
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run(["dvc", "plots", "diff", *revisions, "--html-template", str(template), "-o", folder],
                        cwd=REPO, check=True, capture_output=True)

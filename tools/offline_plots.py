@@ -1,7 +1,7 @@
 """`dvc plots show` that works offline: Vega, Vega-Lite and vega-embed inlined into DVC's HTML template.
 
-    python scripts/offline_plots.py            # writes .dvc/tmp/plots_offline.html, points DVC at it
-    python scripts/offline_plots.py --registry http://127.0.0.1:4873   # another npm registry
+    python tools/offline_plots.py            # writes .dvc/tmp/plots_offline.html, points DVC at it
+    python tools/offline_plots.py --registry http://127.0.0.1:4873   # another npm registry
 
 DVC's own page loads the three libraries from a CDN, so without the internet only image plots show.
 This fetches the same versions DVC links to from the npm registry (which this project's machines can
@@ -36,7 +36,7 @@ PAGE = """<!DOCTYPE html>
     {refresh_tag}
     <meta charset="utf-8">
     <title>DVC Plot</title>
-    <!-- Vega {vega}, Vega-Lite {vega_lite}, vega-embed {vega_embed}, from the npm registry (scripts/offline_plots.py) -->
+    <!-- Vega {vega}, Vega-Lite {vega_lite}, vega-embed {vega_embed}, from the npm registry (tools/offline_plots.py) -->
 {libraries}
     <script>
         // DVC calls vegaEmbed(element, spec): draw SVG, which stays sharp when zoomed and can be inspected.
