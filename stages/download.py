@@ -12,13 +12,16 @@ from stages.lib.errors import run
 from stages.lib.files import replaced_dir
 from stages.lib.params import load_params
 from stages.lib.paths import RAW_DIR
+from stages.lib.provenance import Inputs
 
 
 def main(args) -> None:
+    inputs = Inputs.read("download")
     data = load_params(choices={"data.dataset": DATASETS}).data
     dataset = DATASETS[data.dataset]
     with replaced_dir(RAW_DIR) as staging:
         used = dataset.fetch(data, staging / dataset.name)
+        inputs.verify()
     for name, source in used.items():
         print(f"{RAW_DIR / dataset.name / name}  <- {source}")
 

@@ -22,6 +22,7 @@ from stages.lib.modelfile import load_model
 from stages.lib.params import load_params
 from stages.lib.paths import CONFUSION, EVAL_METRICS, MODEL, PER_CLASS
 from stages.lib.prepared import load_split
+from stages.lib.provenance import Inputs
 from stages.lib.tracking.runs import Tracker
 from stages.lib.device import resolve_device, set_threads, use_bf16
 from stages.lib.training import logits_of, loss_and_accuracy
@@ -76,6 +77,7 @@ def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list
 
 
 def main(args) -> None:
+    inputs = Inputs.read("evaluate")
     params = load_params()
     set_threads(params.threads)
     device = resolve_device("auto")
@@ -89,6 +91,7 @@ def main(args) -> None:
     seconds = time.perf_counter() - began
     metrics, predicted = test_metrics(logits, labels, batch_size), logits.argmax(1)
     classes = per_class(labels, predicted, model_file.classes)
+    inputs.verify()
     write_files({EVAL_METRICS: json_bytes(metrics), PER_CLASS: csv_bytes(classes),
                  CONFUSION: confusion_csv(labels, predicted, model_file.classes)})
     tracker = Tracker.resume(params.tracking)

@@ -23,6 +23,7 @@ from stages.lib.files import atomic_path, json_bytes, replaced_dir, torch_bytes,
 from stages.lib.modelfile import ModelFile, load_model
 from stages.lib.params import flatten, load_params
 from stages.lib.paths import EVAL_METRICS, EXPORT_DIR, EXPORT_REPORT, MODEL, PER_CLASS
+from stages.lib.provenance import Inputs
 from stages.lib.tracking.runs import Tracker
 from stages.lib.transforms import unpad
 
@@ -142,6 +143,7 @@ evaluate reads them, both in float32: {diffs[0]:.2e} (logits), {diffs[1]:.2e} (p
 
 
 def main(args) -> None:
+    inputs = Inputs.read("export")
     params = load_params()
     export = params.export
     set_threads(params.threads)
@@ -162,6 +164,7 @@ def main(args) -> None:
         diffs = onnx_max_abs_diff(onnx_path, raw, logits)
         if max(diffs) > export.onnx_atol:
             raise PipelineError(f"ONNX output differs from PyTorch by {max(diffs):.2e} > export.onnx_atol={export.onnx_atol}")
+        inputs.verify()
         write_files({staging / "MODEL_CARD.md": model_card(model_file, evaluation, diffs).encode(),
                      EXPORT_REPORT: json_bytes({"onnx_max_abs_diff": float(f"{diffs[0]:.3g}"),
                                                "onnx_probabilities_max_abs_diff": float(f"{diffs[1]:.3g}"),

@@ -15,6 +15,7 @@ from stages.lib.errors import PipelineError, run
 from stages.lib.files import json_bytes, replaced_dir, torch_bytes, write_files
 from stages.lib.params import load_params
 from stages.lib.paths import PREPARED_DIR, RAW_DIR
+from stages.lib.provenance import Inputs
 from stages.lib.transforms import pad_images
 
 
@@ -82,12 +83,14 @@ def prepare(raw: Raw, settings, seed: int) -> tuple[dict, dict]:
 
 
 def main(args) -> None:
+    inputs = Inputs.read("preprocess")
     params = load_params(choices={"data.dataset": DATASETS})
     dataset = DATASETS[params.data.dataset]
     raw = dataset.read(RAW_DIR / dataset.name, params.preprocess)
     splits, meta = prepare(raw, params.preprocess, params.seed)
     meta["dataset"] = dataset.name
     meta["skipped_files"] = {"count": len(raw.skipped), "first": raw.skipped[:20]}
+    inputs.verify()
     with replaced_dir(PREPARED_DIR) as staging:
         write_files({**{staging / f"{name}.pt": torch_bytes(split) for name, split in splits.items()},
                      staging / "meta.json": json_bytes(meta)})

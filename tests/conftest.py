@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would every
+# process a test starts: a Python started that way never raises KeyboardInterrupt, and the tests' injected
+# Ctrl-C would do nothing. A handled signal is reset to its default in an exec'd child; an ignored one is not.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
 
 # A few hundred images and one epoch: every stage runs for real, in seconds.

@@ -5,11 +5,17 @@ import pytest
 import yaml
 
 from conftest import REPO, raw_params, run_stage, write_params
-from stages.lib.datasets import DATASETS
-from stages.lib.nets import MODELS
 from stages.lib.params import ParamsError, flatten, load_params, validate
+from tools.check import CHOICES
 
-CHOICES = {"data.dataset": DATASETS, "model.name": MODELS}  # what the stages that use the names pass in
+
+def test_check_refuses_an_unknown_top_level_key_that_no_stage_reads(tmp_path):
+    """`dvc repro` reruns no stage when only an unread key changed; `python -m tools.check` (run first by
+    make run) reads the whole file."""
+    assert run_stage(REPO, "tools.check").returncode == 0
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text() + "sead: 1\n")
+    result = run_stage(tmp_path, "tools.check")
+    assert result.returncode == 2 and result.stderr.strip() == "error: unknown key sead; did you mean 'seed'?"
 
 
 def test_committed_params_are_valid():

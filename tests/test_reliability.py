@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,14 +46,16 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(uninterrupted, prepar
     write_params(killed, THREE_EPOCHS)
     result = run_stage(killed, "train", env={"TUDUI_FAULT": fault})
     assert result.returncode == -signal.SIGKILL
-    assert read_torch_file(killed / "models/checkpoint.pt")["epoch"] == 1
-    assert not (killed / "models/model.pt").exists()
+    (state,) = (killed / ".resume").iterdir()  # the resume state lives outside DVC's outputs
+    assert read_torch_file(state / "checkpoint.pt")["epoch"] == 1
+    assert not (killed / "models").exists() and not (killed / "logs").exists()
     if "checkpoint" in fault:
-        assert list((killed / "models").glob(".checkpoint.pt.*.tmp"))  # the kill left it behind
+        assert list(state.glob(".checkpoint.pt.*.tmp"))  # the kill left it behind
 
     rerun = run_stage(killed, "train")
     assert rerun.returncode == 0, rerun.stderr
-    assert "resuming from models/checkpoint.pt after epoch 1" in rerun.stdout
+    assert f"resuming from .resume/{state.name}/checkpoint.pt after epoch 1" in rerun.stdout
+    assert not (killed / ".resume" / state.name).exists()  # done with: removed
     for name in ("metrics/train.json", "metrics/train_history.csv"):
         assert (killed / name).read_text() == (uninterrupted / name).read_text(), name
     a = torch.load(uninterrupted / "models/model.pt", weights_only=True)["state_dict"]
@@ -68,8 +71,56 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(prepared_project, t
     result = run_stage(folder, "train", env={"TUDUI_FAULT": "sigint@step=12"})
     assert result.returncode == 130
     assert result.stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in result.stderr
-    assert read_torch_file(folder / "models/checkpoint.pt")["epoch"] == 1
-    assert not (folder / "models/model.pt").exists() and not (folder / "metrics").exists()
+    assert read_torch_file(next(folder.glob(".resume/*/checkpoint.pt")))["epoch"] == 1
+    assert sorted(p.name for p in folder.iterdir()) == [".resume", "data", "params.yaml"]  # no trace in the outputs
+
+
+def tracked_outputs(folder) -> dict:
+    """{path: bytes} of every file of train's outputs (models/, logs/, metrics/)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for name in ("models", "logs", "metrics")
+            for p in sorted((folder / name).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["ctrl-c", "diverged", "params edited"])
+def test_a_failed_training_changes_no_output(trained_project, tmp_path, failure):
+    """A new-params run that is interrupted after its first epoch, that diverges, or whose params.yaml is
+    edited while it trains leaves models/ (the checkpoint too), logs/ and metrics/ byte for byte as they
+    were; the interrupted one resumes from its own state."""
+    folder = copy_of(trained_project, tmp_path, "failing")
+    before = tracked_outputs(folder)
+    if failure == "params edited":  # stopped at step 3, params.yaml edited, then continued
+        write_params(folder, {"train": {"epochs": 2, "lr": 0.02}})
+        process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=folder, text=True,
+                                   env=clean_env(PYTHONPATH=str(REPO), TUDUI_FAULT="sigstop@step=3"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_until_stopped(process.pid)
+        write_params(folder, {"train": {"epochs": 2, "lr": 0.03}})
+        os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 2
+        assert stderr.strip().splitlines()[-1].startswith(
+            "error: params.yaml changed while train ran (train.lr 0.02 -> 0.03): nothing was written")
+    else:
+        write_params(folder, {"train": {"epochs": 2, "lr": 1000.0 if failure == "diverged" else 0.02}})
+        fault = {"TUDUI_FAULT": "sigint@step=12"} if failure == "ctrl-c" else {}
+        result = run_stage(folder, "train", env=fault)
+        assert result.returncode == (130 if failure == "ctrl-c" else 2), result.stderr
+        assert failure == "ctrl-c" or "training diverged" in result.stderr
+    assert tracked_outputs(folder) == before
+    if failure == "ctrl-c":
+        rerun = run_stage(folder, "train")
+        assert rerun.returncode == 0 and "resuming from .resume/" in rerun.stdout, rerun.stderr
+
+
+def wait_until_stopped(pid: int, timeout: float = 300) -> None:
+    """Poll /proc until the process is stopped (SIGSTOP at its fault point), or fail after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} never reached its stop point"
+        time.sleep(0.05)
 
 
 def test_thread_count_is_the_param_and_is_recorded(trained_project, tmp_path):

@@ -46,11 +46,15 @@ def _fsync(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed. An
+    OSError while the block writes (a full disk) is one line that names `path`."""
     path = Path(path)
     tmp = _temp_beside(path)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            raise _cannot_write(path, exc) from None
         try:
             _fsync(tmp)
             os.replace(tmp, path)

@@ -63,6 +63,12 @@ def decode_image(source, channels: int, size: list[int], invert: bool = False,
 
 def to_channels(image: Image.Image, channels: int) -> Image.Image:
     """Any Pillow mode -> L (channels=1) or RGB, with transparency composited onto black."""
+    if image.mode == "F":  # 32-bit float grayscale (TIFF): 0..1 as scientific images store it, or 0..255
+        low, high = image.getextrema()
+        if low < 0 or high > 255 or high != high:
+            raise ValueError(f"float pixel values from {low:g} to {high:g}; expected 0..1 or 0..255")
+        image = image.point(lambda v: v * 255) if high <= 1 else image
+        return image.convert("L").convert("L" if channels == 1 else "RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale (Pillow opens some as I): to 8 bits
         image = image.point(lambda v: v / 256).convert("L")
     if image.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in image.info:

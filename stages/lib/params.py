@@ -24,8 +24,13 @@ class ParamsError(PipelineError):
     pass
 
 
+# Upper bounds: no value may overflow or make a stage allocate absurd memory before it starts.
+BIG = 10**9              # counts of images or steps
+MAX_SIDE = 4096          # image sides in pixels (a 4096×4096 RGB image is 48 MB; a split of them would not fit)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def _one_of(key: str, value: str, info: ValidationInfo) -> str:
@@ -41,7 +46,7 @@ class Data(Section):
     mirrors: list[Annotated[str, Field(min_length=1)]]
     source: str
     md5: str
-    timeout_s: float = Field(gt=0)
+    timeout_s: float = Field(gt=0, le=3600)
 
     @field_validator("dataset")
     @classmethod
@@ -50,12 +55,12 @@ class Data(Section):
 
 
 class Preprocess(Section):
-    val_size: int = Field(ge=1)
-    test_size: int = Field(ge=0)
-    pad_to: int = Field(ge=1)
-    image_size: int = Field(ge=8)
-    max_train: int = Field(ge=0)
-    max_test: int = Field(ge=0)
+    val_size: int = Field(ge=1, le=BIG)
+    test_size: int = Field(ge=0, le=BIG)
+    pad_to: int = Field(ge=1, le=MAX_SIDE)
+    image_size: int = Field(ge=8, le=MAX_SIDE)
+    max_train: int = Field(ge=0, le=BIG)
+    max_test: int = Field(ge=0, le=BIG)
 
 
 class Model(Section):
@@ -72,39 +77,39 @@ class Model(Section):
 
 class Train(Section):
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    nproc: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    momentum: float = Field(ge=0)
+    nproc: int = Field(ge=1, le=1024)
+    epochs: int = Field(ge=1, le=100_000)
+    batch_size: int = Field(ge=1, le=1 << 20)
+    lr: float = Field(gt=0, le=1000)
+    momentum: float = Field(ge=0, lt=1)
     nesterov: bool
-    weight_decay: float = Field(ge=0)
+    weight_decay: float = Field(ge=0, le=1000)
     schedule: Literal["constant", "onecycle"]
     warmup: float = Field(ge=0, lt=1)
     label_smoothing: float = Field(ge=0, lt=1)
     ema: float = Field(ge=0, lt=1)
     precision: Literal["auto", "bf16", "fp32"]
-    log_every: int = Field(ge=1)
-    augment_crop: int = Field(ge=0)
+    log_every: int = Field(ge=1, le=BIG)
+    augment_crop: int = Field(ge=0, le=MAX_SIDE)
     augment_flip: bool
     train_on_val: bool
 
 
 class Evaluate(Section):
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1, le=1 << 20)
     precision: Literal["auto", "bf16", "fp32"]
 
 
 class Export(Section):
-    onnx_atol: float = Field(gt=0)
-    onnx_check_images: int = Field(ge=1)
+    onnx_atol: float = Field(gt=0, le=1000)
+    onnx_check_images: int = Field(ge=1, le=BIG)
 
 
 class Tracking(Section):
     enabled: bool
     uri: str = Field(pattern=r"^[^@]*$")  # no user:password@host: it would be logged with the params
     experiment: str = Field(min_length=1)
-    timeout_s: float = Field(gt=0)
+    timeout_s: float = Field(gt=0, le=3600)
     registered_model: str
 
     @field_validator("registered_model")
@@ -115,9 +120,17 @@ class Tracking(Section):
         return name
 
 
+class Serve(Section):
+    max_images: int = Field(ge=1, le=10_000_000)
+    max_body_mb: float = Field(gt=0, le=65536)
+    chunk: int = Field(ge=1, le=1 << 20)
+    timeout_s: float = Field(gt=0, le=86400)
+    shutdown_s: float = Field(ge=0, le=3600)
+
+
 class Params(Section):
-    seed: int = Field(ge=0)
-    threads: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**32 - 1)  # what numpy and every torch generator accept
+    threads: int = Field(ge=0, le=1024)
     data: Data
     preprocess: Preprocess
     model: Model
@@ -125,6 +138,7 @@ class Params(Section):
     evaluate: Evaluate
     export: Export
     tracking: Tracking
+    serve: Serve
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -156,9 +170,11 @@ def _fields_at(loc: tuple) -> list[str]:
 MESSAGES = {
     "missing": "missing key {key}",
     "model_type": "{key} must be a mapping, got {type}",
-    "greater_than": "{key} must be > {gt:g}, got {value}",
-    "greater_than_equal": "{key} must be >= {ge:g}, got {value}",
-    "less_than": "{key} must be < {lt:g}, got {value}",
+    "greater_than": "{key} must be > {gt}, got {value}",
+    "greater_than_equal": "{key} must be >= {ge}, got {value}",
+    "less_than": "{key} must be < {lt}, got {value}",
+    "less_than_equal": "{key} must be <= {le}, got {value}",
+    "finite_number": "{key} must be a finite number, got {value}",
     "int_type": "{key} must be an integer, {got}",
     "float_type": "{key} must be a number, {got}",
     "bool_type": "{key} must be true or false, {got}",
@@ -176,7 +192,8 @@ PATTERN_MESSAGES = {  # the fields with a pattern
 def _message(error: dict) -> str:
     """One pydantic error as one line in this project's words."""
     loc = tuple(str(part) for part in error["loc"])
-    key, kind, value, ctx = ".".join(loc), error["type"], error.get("input"), error.get("ctx") or {}
+    key, kind, value = ".".join(loc), error["type"], error.get("input")
+    ctx = {name: f"{v:g}" if isinstance(v, float) else v for name, v in (error.get("ctx") or {}).items()}
     if kind == "extra_forbidden":
         allowed = _fields_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)

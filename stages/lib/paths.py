@@ -20,3 +20,8 @@ CONFUSION = Path("metrics/confusion.csv")
 
 EXPORT_DIR = Path("models/export")            # export: state_dict.pt, model.onnx, MODEL_CARD.md
 EXPORT_REPORT = Path("metrics/export.json")   # export: the ONNX check and file sizes
+
+# Not an output: where train keeps its resume state while it runs (the checkpoint after each epoch and the
+# TensorBoard logs so far), one folder per fingerprint of its settings and data. A failed or interrupted
+# run leaves the outputs above as they were and this folder for the rerun to resume from. Git-ignored.
+RESUME_DIR = Path(".resume")

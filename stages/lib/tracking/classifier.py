@@ -10,10 +10,15 @@ classes with their probabilities, as `python -m tools.predict --json` gives them
 
 Model config (MLmodel; `SERVING_MODEL_CONFIG='{"threads": 2}'` overrides it when served): `classes`,
 `input` (channels, size, resize: how to decode), `threads` (CPU threads per request, default 1: a steady
-tail latency with several clients; `benchmarks/serve_bench.py --threads 1,2` compares them).
+tail latency with several clients; `benchmarks/serve_bench.py --threads 1,2` compares them), `chunk`
+(images decoded and run at a time, default 256: a request of any length needs the memory of one chunk;
+tools/serve.py sets it from serve.chunk). ONNX Runtime runs without its CPU memory arena, which would
+otherwise keep the largest batch's memory for the life of the process.
 
-A bad request (not base64, not an image, a decompression bomb, no images) fails as a whole with one line
-that names the image's row; served, that is an HTTP 400.
+A bad request (not base64, not an image, a decompression bomb, no images, no `image` column, a top_k that
+is not a whole number >= 1, an invert that is not true or false) fails as a whole with one line that
+names the image's row; served, that is an HTTP 400. `interrupted`, a callable the server may replace, is asked before each image: when it says
+yes (the client left, the request timed out, the server is stopping) predict stops there.
 """
 import base64
 import binascii
@@ -60,12 +65,27 @@ def decode_base64(text) -> bytes:
         raise ImageError(f"not base64 ({exc})") from None
 
 
+def top_k_of(params: dict) -> int:
+    top_k = params.get("top_k", 3)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise BadRequest(f"top_k must be a whole number >= 1, got {top_k!r}")
+    return int(top_k)
+
+
 class ImageClassifier(PythonModel):
+    CHUNK = 256  # images at a time when the model config names none (versions registered before it did)
+
+    def __init__(self):
+        self.interrupted = lambda: False  # tools/serve.py replaces it: stop a request nobody waits for
+
     def load_context(self, context):
         config = context.model_config
         self.classes, spec = config["classes"], config["input"]
         self.channels, self.size, self.resize = spec["channels"], spec["size"], spec["resize"]
         threads = int(config.get("threads", 1))  # per request; uvicorn, the decoding and the next request get the rest
+        self.chunk = int(config.get("chunk", self.CHUNK))
+        if self.chunk < 1:
+            raise ValueError(f"model config chunk must be >= 1, got {self.chunk}")
         path = context.artifacts["model"]
         if path.endswith(".onnx"):
             import onnxruntime
@@ -73,6 +93,7 @@ class ImageClassifier(PythonModel):
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # no warnings on stderr for every session
             options.intra_op_num_threads = threads
+            options.enable_cpu_mem_arena = False  # the arena would keep the largest chunk's memory for good
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             self.run = lambda images: session.run(["probabilities"], {"image": images})[0]
         else:  # a torch.export program (.pt2) of the same raw-image model
@@ -87,9 +108,11 @@ class ImageClassifier(PythonModel):
 
             self.run = run
 
-    def images(self, column, invert: bool) -> np.ndarray:
+    def images(self, column, invert: bool, first_row: int = 0) -> np.ndarray:
         pixels = []
-        for row, text in enumerate(column):
+        for row, text in enumerate(column, start=first_row):
+            if self.interrupted():
+                raise BadRequest(f"stopped at image {row}: the request was abandoned")
             try:
                 pixels.append(decode_image(io.BytesIO(decode_base64(text)), self.channels, self.size, invert,
                                            self.resize))
@@ -99,21 +122,22 @@ class ImageClassifier(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
-        top_k = int(params.get("top_k", 3))
-        if top_k < 1:
-            raise BadRequest(f"top_k must be at least 1, got {top_k}")
-        if len(model_input) == 0:
-            raise BadRequest("no images: the request holds an empty list")
-        if "image" not in model_input.columns:
+        k = min(top_k_of(params), len(self.classes))
+        invert = params.get("invert", False)
+        if not isinstance(invert, (bool, np.bool_)):
+            raise BadRequest(f"invert must be true or false, got {invert!r}")
+        if len(model_input.columns) and "image" not in model_input.columns:
             raise BadRequest("expected a column `image` of base64-encoded image files, got "
                              f"{', '.join(map(str, model_input.columns))}")
-        probabilities = self.run(self.images(model_input["image"], bool(params.get("invert", False))))
-        k = min(top_k, len(self.classes))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        rows = []
-        for probs, best in zip(probabilities, order):
-            top = [{"class": self.classes[i], "probability": round(float(probs[i]), 4)} for i in best]
-            rows.append({"class": top[0]["class"], "probability": top[0]["probability"], "top": top})
+        if len(model_input) == 0:
+            raise BadRequest("no images: the request holds an empty list")
+        column, rows = model_input["image"], []
+        for start in range(0, len(column), self.chunk):  # one chunk's pixels and activations at a time
+            probabilities = self.run(self.images(column.iloc[start:start + self.chunk], bool(invert), start))
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+            for probs, best in zip(probabilities, order):
+                top = [{"class": self.classes[i], "probability": round(float(probs[i]), 4)} for i in best]
+                rows.append({"class": top[0]["class"], "probability": top[0]["probability"], "top": top})
         return pd.DataFrame(rows, columns=["class", "probability", "top"])
 
 

@@ -14,6 +14,7 @@ import torch
 CODE = Path(__file__).with_name("classifier.py")
 IMAGE_CODE = Path(__file__).parents[1] / "images.py"  # the decoding predict uses, shipped with the model
 TOP_K = 3
+CHUNK = 256  # images decoded and run at a time inside the model (model config `chunk`; serve.chunk overrides it)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -69,7 +70,8 @@ def model_spec(model_path: Path, classes: list[str], input_spec: dict, example: 
         spec.loader.exec_module(module)
         sys.modules["images"] = module
     return {"python_model": str(CODE), "code_paths": [str(IMAGE_CODE)], "artifacts": {"model": str(model_path)},
-            "model_config": {"classes": list(classes), "input": dict(input_spec), "threads": 1},
+            "model_config": {"classes": list(classes), "input": dict(input_spec), "threads": 1,
+                             "chunk": CHUNK},
             "signature": signature(), "input_example": (pd.DataFrame({"image": [b64(example)]}), {"top_k": TOP_K}),
             "pip_requirements": requirements(model_path)}
 
