@@ -46,7 +46,8 @@ bench: setup
 	$(MAKE) bench-serve
 
 # The served model over HTTP, ONNX Runtime and PyTorch inside the pyfunc: latency of one image, throughput
-# of 256 a request (benchmarks/results/serving.md). Needs the trained model: runs the pipeline first.
+# of 256 a request, 20 clients at once for 10 s, the server's memory over large requests and at the serve:
+# limits (benchmarks/results/serving.md). Needs the trained model: runs the pipeline first.
 bench-serve: setup
 	dvc repro export
 	$(PY) benchmarks/serve_bench.py $(SERVE_BENCH_ARGS)
@@ -111,8 +112,9 @@ mlflow-user: setup
 	@test -n "$(NAME)" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1]" >&2; exit 2; }
 	$(PY) tools/mlflow_server.py --add-user $(NAME) --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(READ_ONLY),--read-only)
 
-# The classifier over HTTP: `mlflow models serve --env-manager local` (offline) of tracking.registered_model's
-# newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion). README: Serving the model.
+# The classifier over HTTP: MLflow's scoring app under uvicorn in this venv (offline), with params.yaml's serve:
+# limits, of tracking.registered_model's newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion).
+# SIGTERM or Ctrl-C stops it within serve.shutdown_s (+ 10 s at most). README: Serving the model.
 serve: setup
 	$(PY) -m tools.serve --port $(SERVE_PORT)$(if $(MODEL_URI), --model-uri '$(MODEL_URI)')
 

@@ -1,20 +1,29 @@
 """Serving benchmark: the served model over HTTP, with ONNX Runtime and with PyTorch inside the pyfunc.
 
     python benchmarks/serve_bench.py [--project .] [--requests 300] [--batches 20] [--threads 1,2]
-                                     [--out benchmarks/results]
+                                     [--clients 20] [--seconds 10] [--out benchmarks/results]
 
 Needs the pipeline's outputs (`dvc repro export`): models/model.pt, models/export/model.onnx and the
 prepared test split, whose images are sent as PNG files, base64-encoded, the way a client would. Builds
 the served MLflow model twice (stages/lib/tracking/pyfunc.py), once running model.onnx in ONNX Runtime (what export
 registers) and once a torch.export program of the same raw-image net in PyTorch, and serves each with
-`mlflow models serve --env-manager local` on 127.0.0.1, the command `make serve` runs. For each it measures
+`python -m tools.serve --model-uri FOLDER` on 127.0.0.1 (what `make serve` runs; its limits are the serve:
+section of this checkout's params.yaml). For each it measures
 
 - latency: `--requests` sequential requests of one image each (after 30 warm-up requests), client-side
   wall time of the whole round trip over one keep-alive connection: p50 and p99;
 - throughput: `--batches` sequential requests of 256 images each: images per second;
 - the same two without HTTP (the pyfunc's predict called in this process), to show where the time goes.
 
-Writes serving.json and serving.md to --out and prints the table.
+and for the registered configuration (ONNX Runtime, 1 thread a request):
+
+- load: `--clients` clients at once, each sending single-image requests over its own keep-alive
+  connection for `--seconds` seconds: requests, errors (anything but HTTP 200), p50 and p99;
+- memory: the server process's RSS when idle, after a request of 2,000 images, after a 50 MB request of
+  valid images (about 99,000: refused with 413 when over serve.max_body_mb) and after a request at both
+  limits (serve.max_images images in a body of just under serve.max_body_mb), and its peak (VmHWM).
+
+Writes serving.json and serving.md to --out and prints the tables.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,24 +79,28 @@ def payload(images: list[str]) -> bytes:
     return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode()
 
 
+def post(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
+    connection.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
 def request(connection: http.client.HTTPConnection, body: bytes) -> float:
     """One POST /invocations; its round-trip seconds."""
     began = time.perf_counter()
-    connection.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    data = response.read()
+    status, data = post(connection, body)
     elapsed = time.perf_counter() - began
-    if response.status != 200:
-        raise SystemExit(f"HTTP {response.status}: {data[:300]!r}")
+    if status != 200:
+        raise SystemExit(f"HTTP {status}: {data[:300]!r}")
     return elapsed
 
 
 def serve(folder: Path, port: int, log: Path) -> subprocess.Popen:
     from tools.serve import command
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen(command(str(folder), port), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(command(str(folder), port), cwd=ROOT, env=env, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -112,6 +126,108 @@ def measure(send, images: list[str], requests: int, batches: int) -> dict:
     seconds = sum(send(images) for _ in range(batches))
     return {"p50_ms": round(float(np.percentile(latency, 50)), 2), "p99_ms": round(float(np.percentile(latency, 99)), 2),
             "images_per_s": round(batches * len(images) / seconds, 0)}
+
+
+def rss_mb(pid: int) -> dict:
+    """The process's resident memory now and at its peak, in MB."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(status[field].split()[0]) / 1024, 1) for key, field in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+
+
+def noise_png(side: int, seed: int) -> str:
+    """A side×side grayscale PNG of random pixels (incompressible: its size is about side²), base64."""
+    from PIL import Image
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8), "L").save(
+        buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def at_the_limit(max_images: int, max_bytes: int) -> bytes:
+    """A request of max_images images whose body is just under max_bytes (each a PNG of random pixels of
+    the size that fills it; the model resizes them to its input)."""
+    side = int(((max_bytes / max_images) * 0.75) ** 0.5) + 1
+    while True:
+        body = payload([noise_png(side, 0)] * max_images)
+        if len(body) <= max_bytes or side == 1:
+            return body
+        side -= 1
+
+
+def memory(port: int, pid: int, images: list[str]) -> dict:
+    """RSS of the server process (`pid`) idle, after 2,000 images, after a 50 MB request, after one at the
+    limits (serve: in params.yaml), each answered as it should be."""
+    from stages.lib.params import load_params
+
+    limits = load_params(ROOT / "params.yaml").serve
+    max_bytes = int(limits.max_body_mb * (1 << 20))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    for _ in range(5):
+        request(connection, payload(images[:1]))
+    out = {"idle": rss_mb(pid)["rss"]}
+    fifty, size = 0, len(payload([]))  # the tester's 50 MB request (about 99,000 of its images)
+    while size - 2 < 50_000_000:  # the last row has no ", "
+        size += len(images[fifty % len(images)]) + len('[""], ')
+        fifty += 1
+    steps = [("2000_images", 2000, payload([images[i % len(images)] for i in range(2000)])),
+             ("50mb", fifty, payload([images[i % len(images)] for i in range(fifty)])),
+             ("at_limit", limits.max_images, at_the_limit(limits.max_images, max_bytes))]
+    for name, count, body in steps:
+        began = time.perf_counter()
+        status, answer = post(connection, body)
+        expected = 413 if len(body) > max_bytes or count > limits.max_images else 200
+        if status != expected:
+            raise SystemExit(f"{name}: HTTP {status} (expected {expected}): {answer[:300]!r}")
+        out[name] = {"images": count, "bytes": len(body), "status": status, "seconds": round(time.perf_counter() - began, 2),
+                     "rss_mb": rss_mb(pid)["rss"]}
+    out["peak"] = rss_mb(pid)["peak"]
+    out["limits"] = {"max_images": limits.max_images, "max_body_mb": limits.max_body_mb, "chunk": limits.chunk}
+    return out
+
+
+def load_test(port: int, images: list[str], clients: int, seconds: float) -> dict:
+    """`clients` threads, each sending single-image requests over its own connection for `seconds`."""
+    bodies = [payload([image]) for image in images]
+    latencies, errors, lock = [], [0], threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine, failed = [], 0
+        start.wait()
+        deadline = time.perf_counter() + seconds
+        i = index
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            try:
+                status, _ = post(connection, bodies[i % len(bodies)])
+            except (OSError, http.client.HTTPException):
+                status = 0
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            if status == 200:
+                mine.append(time.perf_counter() - began)
+            else:
+                failed += 1
+            i += clients
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    for worker in workers:
+        worker.join()
+    ms = np.array(latencies or [0.0]) * 1000
+    return {"clients": clients, "seconds": seconds, "requests": len(latencies) + errors[0], "errors": errors[0],
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "requests_per_s": round(len(latencies) / seconds, 1)}
 
 
 def bench_backend(backend: str, threads: int, folder: Path, images: list[str], args) -> dict:
@@ -142,10 +258,17 @@ def bench_backend(backend: str, threads: int, folder: Path, images: list[str], a
             return request(connection, body)
 
         remote = measure(over_http, images, args.requests, args.batches)
+        connection.close()
+        result = {"backend": backend, "threads": threads, "http": remote, "in_process": local}
+        if (backend, threads) == ("onnxruntime", 1):  # the registered configuration
+            print(f"  {args.clients} clients for {args.seconds:g} s ...", flush=True)
+            result["load"] = load_test(port, images, args.clients, args.seconds)
+            print("  memory ...", flush=True)
+            result["memory"] = memory(port, server.pid, images)
     finally:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=120)
-    return {"backend": backend, "threads": threads, "http": remote, "in_process": local}
+    return result
 
 
 def markdown(results: list[dict], machine: str, load: str) -> str:
@@ -164,6 +287,27 @@ def markdown(results: list[dict], machine: str, load: str) -> str:
         ok = h["p50_ms"] <= TARGETS["p50_ms"] and h["images_per_s"] >= TARGETS["images_per_s"]
         lines.append(f"- {r['backend']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''}: p50 {h['p50_ms']:.1f} ms, {h['images_per_s']:,.0f} images/s: "
                      f"{'meets both targets' if ok else 'misses a target'}")
+    for r in results:
+        if "load" in r:
+            lo = r["load"]
+            lines += ["", f"{lo['clients']} clients at once for {lo['seconds']:g} s ({r['backend']}, {r['threads']} thread a "
+                          "request; each sends one image a request over its own connection):", "",
+                      "| requests | errors | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|",
+                      f"| {lo['requests']:,} | {lo['errors']:,} | {lo['requests_per_s']:,.1f} | {lo['p50_ms']:.1f} | "
+                      f"{lo['p99_ms']:.1f} |"]
+        if "memory" in r:
+            m = r["memory"]
+            lim = m["limits"]
+            lines += ["", f"Server memory (RSS of the server process; limits: serve.max_images {lim['max_images']:,}, "
+                          f"serve.max_body_mb {lim['max_body_mb']:g}, serve.chunk {lim['chunk']}):", "",
+                      "| after | request bytes | HTTP | seconds | RSS MB |", "|---|---|---|---|---|",
+                      f"| start and 5 single images | | | | {m['idle']:.0f} |"]
+            for name, label in (("2000_images", "2,000 images"), ("50mb", f"50 MB of images ({m['50mb']['images']:,})"),
+                                ("at_limit", f"{lim['max_images']:,} images, just under the body limit")):
+                step = m[name]
+                lines.append(f"| {label} | {step['bytes']:,} | {step['status']} | {step['seconds']:.2f} | "
+                             f"{step['rss_mb']:.0f} |")
+            lines += ["", f"Peak RSS (VmHWM): {m['peak']:.0f} MB."]
     return "\n".join(lines) + "\n"
 
 
@@ -175,6 +319,8 @@ def main() -> None:
     parser.add_argument("--backends", default="onnxruntime,pytorch", help="comma-separated, of onnxruntime,pytorch")
     parser.add_argument("--threads", default="1", help="comma-separated CPU threads per request to compare "
                         "(the served model's `threads` config; 1 is what export registers)")
+    parser.add_argument("--clients", type=int, default=20, help="clients at once in the load test")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the load test")
     parser.add_argument("--port", type=int, default=5012)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
     args = parser.parse_args()
