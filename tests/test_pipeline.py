@@ -1,10 +1,15 @@
 """The real `dvc repro` in a fresh git + dvc repository made from this checkout, with a shrunk config."""
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_dvc_repo, sh
+from conftest import GIT_ENV, clean_env, make_dvc_repo, sh
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +77,54 @@ def test_forced_rerun_is_bit_for_bit(repo):
 
 
 def snapshot_outputs(repo) -> dict:
-    """Every file under data/, models/ and metrics/ with its bytes' md5."""
+    """Every file under data/, models/, logs/ and metrics/ with its bytes' md5."""
     import hashlib
 
     return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
-            for top in ("data", "models", "metrics") for p in sorted((repo / top).rglob("*")) if p.is_file()}
+            for top in ("data", "models", "logs", "metrics") for p in sorted((repo / top).rglob("*")) if p.is_file()}
+
+
+def stopped_child(process: subprocess.Popen, timeout: float = 600):
+    """The descendant of `process` stopped at its TUDUI_FAULT=sigstop@... point (polled, with a deadline)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            if child.status() == psutil.STATUS_STOPPED:
+                return child
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no stage reached its stop point"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_params_changed_during_a_run_are_never_recorded(repo):
+    """A `dvc exp run -S` sent while `dvc repro` trains is refused by DVC, but it has already rewritten
+    params.yaml; the training notices when it ends, writes nothing, and dvc.lock keeps pairing the old
+    outputs with the old params."""
+    sh(repo, "dvc", "repro")
+    committed, lock = (repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()
+    before = snapshot_outputs(repo)
+    try:
+        (repo / "params.yaml").write_text(committed.replace("lr: 0.01", "lr: 0.02"))
+        env = clean_env(**GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                        TUDUI_FAULT="sigstop@step=3")
+        process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        stage = stopped_child(process)
+        refused = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.03", check=False)
+        assert "Unable to acquire lock" in refused
+        assert "lr: 0.03" in (repo / "params.yaml").read_text()  # DVC rewrote it before refusing
+        stage.resume()
+        out, _ = process.communicate(timeout=900)
+        assert process.returncode != 0
+        assert "error: params.yaml changed while train ran (train.lr 0.02 -> 0.03): nothing was written" in out
+        assert snapshot_outputs(repo) == before and (repo / "dvc.lock").read_text() == lock
+        assert "train" in sh(repo, "dvc", "status")
+    finally:
+        (repo / "params.yaml").write_text(committed)
+    assert "Data and pipelines are up to date." in sh(repo, "dvc", "repro")
 
 
 @pytest.fixture
@@ -98,6 +146,7 @@ def test_a_failed_run_leaves_every_output_as_it_was(repo, corrupt_zip, tmp_path)
     offline = f"http://127.0.0.1:{free_port()}/photos.zip"  # nothing listens there
     bad_inputs = {
         "negative lr": ({"train": {"lr": -0.1}}, "train.lr must be > 0"),
+        "diverged": ({"train": {"lr": 1000.0}}, "training diverged"),
         "unknown data set": ({"data": {"dataset": "imagenet"}}, "data.dataset must be one of"),
         "missing file": ({"data": {"dataset": "imagefolder", "source": str(tmp_path / "nope.zip")}},
                          "is neither a folder, a file nor an http(s) URL"),

@@ -4,7 +4,7 @@ Each stage checks the params it reads when it runs, but `dvc repro` runs no stag
 change: a misspelt top-level key (`sead: 1`) or a section no stage reads would pass unseen. This checks
 every key and every registry name (data sets, nets) at once; `make run`, `make reproduce` and the
 experiment targets run it first, and the test suite runs it on the committed params.yaml.
-Exit 0 and one line when valid; exit 2 with `error: ...` (one line) when not.
+Exit 0 when valid, with the data set and net names allowed; exit 2 with `error: ...` (one line) when not.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def add_arguments(parser) -> None:
 
 def main(args) -> None:
     params = load_params(args.params, CHOICES)
-    print(f"{args.params}: valid ({len(params.flat())} settings; data.dataset {params.data.dataset}, "
-          f"model.name {params.model.name})")
+    print(f"{args.params}: valid ({len(params.flat())} settings)")
+    for key, registry in CHOICES.items():
+        print(f"  {key}: {getattr(getattr(params, key.split('.')[0]), key.split('.')[1])} (allowed: {', '.join(registry)})")
 
 
 if __name__ == "__main__":

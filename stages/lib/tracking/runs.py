@@ -186,17 +186,17 @@ class Tracker:
         return tracker
 
     def _system_metrics(self):
-        """MLflow's sampler of CPU, memory and disk (system/... metrics), in a background thread."""
+        """MLflow's sampler of CPU, memory and disk (system/... metrics) in a background thread, through its
+        public API: the run made the active run with log_system_metrics=True; `finish` ends it."""
         import logging
 
         import mlflow
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" lines
         mlflow.set_tracking_uri(tracking_uri(self.tracking))
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_EVERY_S, samples_before_logging=1)
-        monitor.start()
-        return monitor
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_EVERY_S)
+        mlflow.set_system_metrics_samples_before_logging(1)
+        return mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
 
     def record(self) -> dict:
         """What RUN_FILE holds: the run evaluate and export add to."""
@@ -307,8 +307,10 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
+            import mlflow
+
             try:  # a sampler that fails to stop must not leave the run RUNNING
-                self.monitor.finish()
+                mlflow.end_run(status)
             except Exception as exc:
                 print(f"warning: MLflow system metrics: {one_line(exc)}", file=sys.stderr, flush=True)
             self.monitor = None
