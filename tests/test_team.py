@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import http.client
+import importlib.util
 import io
 import json
 import os
@@ -28,7 +30,11 @@ import pytest
 from conftest import (GIT_ENV, REPO, clean_env, free_port, make_dvc_repo, needs, run_stage, sh, wait_until_healthy,
                       write_params)
 
-SCRIPT = REPO / "scripts" / "mlflow_server.py"
+SCRIPT = REPO / "tools" / "mlflow_server.py"
+# The roles and throttle figures of the server's app (stdlib-only at import: no MLflow here).
+_spec = importlib.util.spec_from_file_location("mlflow_auth", REPO / "tools" / "mlflow_auth.py")
+AUTH = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(AUTH)
 SSHD = Path("/usr/sbin/sshd")
 # Nothing from the caller's shell may log a test in, or hand the server a password.
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
@@ -88,7 +94,8 @@ def call(base: str, path: str, body: dict | None = None, auth: tuple[str, str] |
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{base}/api/{path}", data=data, headers=headers, method=method)
+    url = f"{base}{path}" if path.startswith("/") else f"{base}/api/{path}"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             status, text = response.status, response.read().decode()
@@ -100,10 +107,32 @@ def call(base: str, path: str, body: dict | None = None, auth: tuple[str, str] |
         return status, text
 
 
-def api(base: str, path: str, body: dict | None = None, auth: tuple[str, str] | None = None) -> dict:
-    status, answer = call(base, path, body, auth)
+def api(base: str, path: str, body: dict | None = None, auth: tuple[str, str] | None = None,
+        method: str | None = None) -> dict:
+    status, answer = call(base, path, body, auth, method)
     assert status == 200, f"{path}: HTTP {status}: {answer}"
     return answer
+
+
+def wait_until(condition, timeout: float, what) -> None:
+    """Poll `condition` until it holds; fail with what() after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.2)
+
+
+def marked_pids(folder: Path) -> list[int]:
+    """Live processes the server script started for `folder` (it marks their environment)."""
+    mark = f"TUDUI_MLFLOW_SERVER={folder}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and mark in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
 
 
 # --- the tracking server -------------------------------------------------------------------------------
@@ -163,8 +192,8 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             pass
     kill_session(server.proc)
-    if (server.pgdata / "postmaster.pid").exists():
-        subprocess.run([sys.executable, str(SCRIPT), "--stop", "--dir", str(server.folder)], timeout=180)
+    if (server.pgdata / "postmaster.pid").exists() or marked_pids(server.folder):
+        subprocess.run([sys.executable, str(SCRIPT), "--stop", "--dir", str(server.folder)], timeout=300)
 
 
 def add_user(server: Server, name: str, password: str, *flags: str, **extra_env: str) -> subprocess.CompletedProcess:
@@ -189,9 +218,10 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def users(mlflow_server) -> dict:
-    """Three teammates who may log runs and one read-only user, each with a fresh random password."""
+    """Three teammates who may log runs, a read-only user and a promoter, each with a fresh random password."""
     made = {}
-    for name, flags in (("alice", ()), ("bob", ()), ("carol", ()), ("rita", ("--read-only",))):
+    for name, flags in (("alice", ()), ("bob", ()), ("carol", ()), ("rita", ("--read-only",)),
+                        ("pete", ("--promoter",))):
         password = "pw-" + secrets.token_urlsafe(18)
         result = add_user(mlflow_server, name, password, *flags)
         assert result.returncode == 0, result.stderr
@@ -328,6 +358,7 @@ def test_ctrl_c_stops_everything_and_a_restart_keeps_the_logins(tmp_path):
                 time.sleep(0.5)
             assert not alive(postgres_pid), "postgres still running"
             assert not session_pids(server.proc.pid), f"leftover processes: {session_pids(server.proc.pid)}"
+            wait_until(lambda: not marked_pids(folder), 60, lambda: f"left running: {marked_pids(folder)}")
             assert not port_open(server.port)
             assert not (server.pgdata / "postmaster.pid").exists()
             assert not (server.pgdata / ".s.PGSQL.5432").exists()
@@ -364,6 +395,246 @@ def test_server_refuses_a_busy_port(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and result.stderr.count("\n") == 1
     assert not (tmp_path / "srv" / "pgdata").exists()
+
+
+# --- roles, promotion, login throttle, user names, a killed server (findings of an adversarial review) ---
+
+def test_read_only_user_creates_nothing(mlflow_server, users):
+    """MLflow's basic auth lets every login create experiments, runs and registered models; the read-only
+    role (tools/mlflow_auth.py) creates nothing, through the REST API or the UI's ajax-api."""
+    base, admin = mlflow_server.base, mlflow_server.admin
+    alice, rita = ("alice", users["alice"]), ("rita", users["rita"])
+    tag = secrets.token_hex(4)
+    experiment_id = api(base, "2.0/mlflow/experiments/create", {"name": f"alice-shared-{tag}"}, alice)["experiment_id"]
+    model = api(base, "2.0/mlflow/registered-models/create", {"name": f"alice-model-{tag}"}, alice)["registered_model"]
+    run_id = api(base, "2.0/mlflow/runs/create", {"experiment_id": experiment_id}, alice)["run"]["info"]["run_id"]
+    runs_before = {e: len(api(base, "2.0/mlflow/runs/search", {"experiment_ids": [e]}, admin).get("runs", []))
+                   for e in ("0", experiment_id)}
+    prompt_tag = [{"key": "mlflow.prompt.is_prompt", "value": "true"}]
+    attempts = {
+        "an experiment": ("2.0/mlflow/experiments/create", {"name": f"rita-{tag}"}),
+        "an experiment (UI)": ("/ajax-api/2.0/mlflow/experiments/create", {"name": f"rita-ui-{tag}"}),
+        "a run in Default": ("2.0/mlflow/runs/create", {"experiment_id": "0"}),
+        "a run in alice's experiment": ("2.0/mlflow/runs/create", {"experiment_id": experiment_id}),
+        "a registered model": ("2.0/mlflow/registered-models/create", {"name": f"rita-{tag}"}),
+        "a prompt": ("2.0/mlflow/registered-models/create", {"name": f"rita-prompt-{tag}", "tags": prompt_tag}),
+        "a model version": ("2.0/mlflow/model-versions/create",
+                            {"name": model["name"], "source": f"runs:/{run_id}/model", "run_id": run_id}),
+        "a logged model": ("2.0/mlflow/logged-models", {"experiment_id": experiment_id, "name": f"rita-{tag}"}),
+    }
+    for what, (path, body) in attempts.items():
+        status, answer = call(base, path, body, rita)
+        assert status == 403, f"rita created {what}: HTTP {status} {answer}"
+    experiments = api(base, "2.0/mlflow/experiments/search", {"max_results": 1000}, admin)["experiments"]
+    assert not [e["name"] for e in experiments if e["name"].startswith("rita-")]
+    models = api(base, "2.0/mlflow/registered-models/search?max_results=1000", auth=admin).get("registered_models", [])
+    assert not [m["name"] for m in models if m["name"].startswith("rita-")]
+    assert {e: len(api(base, "2.0/mlflow/runs/search", {"experiment_ids": [e]}, admin).get("runs", []))
+            for e in ("0", experiment_id)} == runs_before
+    # rita still reads everything.
+    assert call(base, "2.0/mlflow/experiments/search", {"max_results": 10}, rita)[0] == 200
+    assert call(base, f"2.0/mlflow/runs/get?run_id={run_id}", auth=rita)[0] == 200
+    assert call(base, f"2.0/mlflow/registered-models/get?name={model['name']}", auth=rita)[0] == 200
+    # The role is MLflow's own RBAC role, visible to the admin through MLflow's API.
+    roles = api(base, "3.0/mlflow/users/roles/list?username=rita", auth=admin)["roles"]
+    assert AUTH.READ_ONLY_ROLE in {r["name"] for r in roles}
+
+
+def test_only_manage_or_promoter_moves_champion(mlflow_server, users):
+    """EDIT registers versions (with the pipeline's tags), but moving @champion, deleting it, stage
+    transitions and writing model-version tags need MANAGE on the model, the promoter role or the admin."""
+    base, admin = mlflow_server.base, mlflow_server.admin
+    alice, bob, pete = ("alice", users["alice"]), ("bob", users["bob"]), ("pete", users["pete"])
+    name = f"classifier-{secrets.token_hex(4)}"
+    api(base, "2.0/mlflow/registered-models/create", {"name": name}, alice)  # alice: creator, MANAGE
+    experiment_id = api(base, "2.0/mlflow/experiments/create", {"name": f"{name}-runs"}, alice)["experiment_id"]
+    versions = {}
+    for who in (alice, bob):
+        run_id = api(base, "2.0/mlflow/runs/create", {"experiment_id": experiment_id}, who)["run"]["info"]["run_id"]
+        versions[who[0]] = api(base, "2.0/mlflow/model-versions/create", {
+            "name": name, "source": f"runs:/{run_id}/model", "run_id": run_id,
+            "tags": [{"key": "test_accuracy", "value": "0.91"}]}, who)["model_version"]["version"]
+    api(base, "2.0/mlflow/registered-models/alias", {"name": name, "alias": "champion", "version": versions["alice"]},
+        alice)
+
+    def state() -> tuple:
+        model = api(base, f"2.0/mlflow/registered-models/get?name={name}", auth=admin)["registered_model"]
+        tags = {v: {t["key"]: t["value"] for t in api(base, f"2.0/mlflow/model-versions/get?name={name}&version={v}",
+                                                        auth=admin)["model_version"].get("tags", [])}
+                for v in versions.values()}
+        return {a["alias"]: a["version"] for a in model.get("aliases", [])}, tags
+
+    before = state()
+    assert before[0] == {"champion": versions["alice"]}
+    refused = [
+        ("2.0/mlflow/registered-models/alias", {"name": name, "alias": "champion", "version": versions["bob"]}, "POST"),
+        ("2.0/mlflow/registered-models/alias", {"name": name, "alias": "champion"}, "DELETE"),
+        ("2.0/mlflow/model-versions/set-tag", {"name": name, "version": versions["alice"], "key": "test_accuracy",
+                                                "value": "0.99"}, "POST"),
+        ("2.0/mlflow/model-versions/set-tag", {"name": name, "version": versions["bob"], "key": "test_accuracy",
+                                                "value": "0.99"}, "POST"),  # even on his own version
+        ("2.0/mlflow/model-versions/delete-tag", {"name": name, "version": versions["alice"], "key": "test_accuracy"},
+         "DELETE"),
+        ("2.0/mlflow/model-versions/transition-stage", {"name": name, "version": versions["bob"],
+                                                         "stage": "Production", "archive_existing_versions": False},
+         "POST"),
+    ]
+    for path, body, method in refused:
+        status, answer = call(base, path, body, bob, method)
+        assert status == 403, f"bob (EDIT): {method} {path}: HTTP {status} {answer}"
+    assert state() == before
+
+    # The promoter role, the creator (MANAGE), the admin, and a teammate granted MANAGE may.
+    move = "2.0/mlflow/registered-models/alias"
+    api(base, move, {"name": name, "alias": "champion", "version": versions["bob"]}, pete)
+    api(base, "2.0/mlflow/model-versions/set-tag", {"name": name, "version": versions["bob"], "key": "validated",
+                                                    "value": "yes"}, pete)
+    assert state()[0] == {"champion": versions["bob"]} and state()[1][versions["bob"]]["validated"] == "yes"
+    api(base, move, {"name": name, "alias": "champion", "version": versions["alice"]}, alice)
+    api(base, move, {"name": name, "alias": "champion", "version": versions["bob"]}, admin)
+    api(base, "3.0/mlflow/users/permissions/grant", {"username": "bob", "resource_type": "registered_model",
+                                                      "resource_id": name, "permission": "MANAGE"}, admin)
+    api(base, move, {"name": name, "alias": "champion", "version": versions["alice"]}, bob)
+    assert state()[0] == {"champion": versions["alice"]}
+
+
+def request_from(address: str, port: int, login: tuple[str, str]) -> tuple[int, str | None, str]:
+    """One authenticated GET from the loopback address `address`: (status, Retry-After, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(address, 0))
+    try:
+        conn.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1",
+                     headers={"Authorization": "Basic " + base64.b64encode(":".join(login).encode()).decode()})
+        response = conn.getresponse()
+        return response.status, response.getheader("Retry-After"), response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def checks_allowed(free: int, elapsed: float) -> int:
+    """The most password checks one key can get within `elapsed` seconds: `free`, then one per expired lock."""
+    checks, waited = free, 0.0
+    while waited + AUTH.lock_seconds(checks, free) <= elapsed:
+        waited += AUTH.lock_seconds(checks, free)
+        checks += 1
+    return checks
+
+
+def guess(port: int, address: str, logins: list[tuple[str, str]]) -> tuple[list[int], float]:
+    started = time.monotonic()
+    statuses = [request_from(address, port, login)[0] for login in logins]
+    return statuses, time.monotonic() - started
+
+
+def test_failed_logins_are_throttled_per_user_and_address(mlflow_server, users):
+    """Wrong passwords get 401 until a user or an address has used its free failures, then 429 with
+    Retry-After and no password check. Asserts counts, never speed: a lock that expires on a slow machine
+    allows one more check, which the bound allows for."""
+    base, port, admin = mlflow_server.base, mlflow_server.port, mlflow_server.admin
+    net = f"127.{20 + secrets.randbelow(200)}.{1 + secrets.randbelow(250)}"  # fresh addresses, not 127.0.0.1
+    attacker, attacker2, teammate, other = (f"{net}.{i}" for i in (1, 2, 3, 4))
+    logins = {}
+    for name in ("tara", "tom", "uma"):
+        logins[name] = (name, "pw-" + secrets.token_urlsafe(18))
+        api(base, "2.0/mlflow/users/create", {"username": name, "password": logins[name][1]}, admin)
+    assert request_from(teammate, port, logins["tom"])[0] == 200  # tom is logged in before the attack
+
+    # Per user: 12 guesses at tara's password.
+    n = 12
+    statuses, elapsed = guess(port, attacker, [("tara", f"guess-{i}") for i in range(n)])
+    assert set(statuses) <= {401, 429}, statuses
+    assert statuses[:AUTH.USER_FREE] == [401] * AUTH.USER_FREE, statuses
+    assert statuses.count(401) <= checks_allowed(AUTH.USER_FREE, elapsed), statuses
+    assert statuses.count(429) >= n - checks_allowed(AUTH.USER_FREE, elapsed) > 0, statuses
+    # What tara sees, with her right password from her own machine: 429, how long to wait, no check.
+    status, retry_after, body = request_from(teammate, port, logins["tara"])
+    assert status == 429 and 1 <= int(retry_after) <= AUTH.MAX_LOCK_S, (status, retry_after, body)
+    assert "Too many failed logins" in body
+    # Other users are not affected; tom, already logged in, keeps working while his password is guessed at.
+    assert request_from(teammate, port, ("alice", users["alice"]))[0] == 200
+    statuses, elapsed = guess(port, attacker2, [("tom", f"guess-{i}") for i in range(AUTH.USER_FREE + 2)])
+    assert statuses[-1] == 429 and statuses.count(401) <= checks_allowed(AUTH.USER_FREE, elapsed), statuses
+    assert request_from(other, port, logins["tom"])[0] == 200
+
+    # Per address: one guess each at many user names from one address.
+    n = AUTH.ADDRESS_FREE + 6
+    statuses, elapsed = guess(port, other, [(f"ghost-{i}", "guess") for i in range(n)])
+    assert statuses[:AUTH.ADDRESS_FREE] == [401] * AUTH.ADDRESS_FREE, statuses
+    assert statuses.count(401) <= checks_allowed(AUTH.ADDRESS_FREE, elapsed), statuses
+    assert statuses.count(429) >= n - checks_allowed(AUTH.ADDRESS_FREE, elapsed) > 0, statuses
+    assert request_from(other, port, logins["uma"])[0] == 429  # a fresh login from that address waits too
+    assert request_from(teammate, port, logins["uma"])[0] == 200  # ... from anywhere else it works
+    assert request_from(other, port, logins["tom"])[0] == 200  # and a login verified before stays usable
+    # The counts are in the auth database, where every worker of the server sees them.
+    import psycopg
+
+    with psycopg.connect(host=str(mlflow_server.pgdata), port=5432, user="mlflow", dbname="mlflow_auth",
+                         connect_timeout=10) as db:
+        locked = dict(db.execute(f"SELECT key, failures FROM {AUTH.THROTTLE_TABLE} WHERE locked_until > 0").fetchall())
+    assert locked.get("user:tara", 0) >= AUTH.USER_FREE and locked.get(f"addr:{other}", 0) >= AUTH.ADDRESS_FREE
+
+
+def test_user_names_cannot_run_shell_code(mlflow_server, users, tmp_path):
+    """`make mlflow-user NAME=...` used to paste NAME into a shell command: a backtick ran."""
+    marker = tmp_path / "ran"
+    admin_env = env(MLFLOW_AUTH_ADMIN_PASSWORD=mlflow_server.admin[1])
+    make = ["make", "--no-print-directory", "-o", "setup", "mlflow-user", f"SERVER_PORT={mlflow_server.port}"]
+    for name in (f"x`touch {marker}`", f"x$$(touch {marker})", f"x; touch {marker}", f"x' && touch '{marker}"):
+        result = subprocess.run([*make, f"NAME={name}"], cwd=REPO, input="pw-" + secrets.token_urlsafe(18) + "\n",
+                                capture_output=True, text=True, timeout=300, env=admin_env)
+        assert result.returncode != 0 and not marker.exists(), (name, result.stdout, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is not a user name" in errors[0], result.stderr
+    for name in ("-x", "a b", "", "x" * 65, "ü", "x\nerror: forged"):
+        result = subprocess.run([sys.executable, str(SCRIPT), "--dir", str(mlflow_server.folder), "--port",
+                                 str(mlflow_server.port), f"--add-user={name}"], input="pw-" + secrets.token_urlsafe(18),
+                                capture_output=True, text=True, timeout=120, env=env())
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, \
+            (name, result.stderr)
+    # A plain name goes through make and the script to the server.
+    result = subprocess.run([*make, "NAME=dora.m-1", "READ_ONLY=1"], cwd=REPO,
+                            input="pw-" + secrets.token_urlsafe(18) + "\n", capture_output=True, text=True,
+                            timeout=300, env=admin_env)
+    assert result.returncode == 0 and "created the MLflow user 'dora.m-1'" in result.stdout, result.stderr
+    assert call(mlflow_server.base, "2.0/mlflow/users/get?username=dora.m-1", auth=mlflow_server.admin)[0] == 200
+
+
+@pytest.mark.slow
+def test_a_killed_server_leaves_nothing_running(tmp_path):
+    """kill -9 of `make mlflow-server`'s process group used to leave MLflow and PostgreSQL running (the
+    next start: "Address already in use"; --stop stopped only PostgreSQL)."""
+    require_postgresql()
+    folder = server_folder()
+    log_path = tmp_path / "server.out"
+    server = start_server(folder, log_path)
+
+    def left() -> str:
+        return f"left running: {marked_pids(folder)}, port open: {port_open(server.port)}\n{server.log()[-2000:]}"
+
+    try:
+        postgres = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+        assert len(marked_pids(folder)) >= 3  # the watchdog, mlflow server, uvicorn
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the script's process group, as make's
+        server.proc.wait(timeout=60)
+        wait_until(lambda: not marked_pids(folder) and not alive(postgres) and not port_open(server.port), 180, left)
+
+        # The same folder and port serve again at once.
+        server = start_server(folder, log_path, server.port)
+        postgres = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+        watchdogs = [pid for pid in marked_pids(folder) if b"--watchdog" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(watchdogs) == 1
+        # Kill -9 the watchdog too: MLflow and PostgreSQL are orphans now ...
+        os.kill(watchdogs[0], signal.SIGKILL)
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=60)
+        assert alive(postgres) and port_open(server.port) and marked_pids(folder)
+        # ... and --stop stops them all, MLflow included.
+        result = subprocess.run([sys.executable, str(SCRIPT), "--stop", "--dir", str(folder)], capture_output=True,
+                                text=True, timeout=300, env=env())
+        assert result.returncode == 0 and "stopped the MLflow server and PostgreSQL" in result.stdout, result.stderr
+        wait_until(lambda: not marked_pids(folder) and not alive(postgres) and not port_open(server.port), 60, left)
+    finally:
+        stop_server(server)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- DVC remotes -----------------------------------------------------------------------------------------
