@@ -70,7 +70,7 @@ def build_models(project: Path, folder: Path, variants: list[tuple[str, int]]) -
     for backend, threads in variants:
         models[backend, threads] = folder / f"{backend}-{threads}"
         spec = model_spec(artifacts[backend], model_file.classes, model_file.input, png_bytes(raw[0]))
-        spec["model_config"]["threads"] = threads
+        spec["model_config"]["request_threads"] = threads
         mlflow.pyfunc.save_model(str(models[backend, threads]), **spec)
     return models, images
 
@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help=f"requests of {BATCH} images timed")
     parser.add_argument("--backends", default="onnxruntime,pytorch", help="comma-separated, of onnxruntime,pytorch")
     parser.add_argument("--threads", default="1", help="comma-separated CPU threads per request to compare "
-                        "(the served model's `threads` config; 1 is what export registers)")
+                        "(the served model's `request_threads` config; 1 is what export registers)")
     parser.add_argument("--clients", type=int, default=20, help="clients at once in the load test")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the load test")
     parser.add_argument("--port", type=int, default=5012)

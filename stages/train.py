@@ -75,12 +75,11 @@ def resume_state(fingerprint: str, epochs: int, say) -> tuple[Path, dict | None]
         resume = load_checkpoint(CHECKPOINT, fingerprint, epochs, say)
         if resume is not None and LOG_DIR.is_dir():
             shutil.copytree(LOG_DIR, state / LOG_DIR.name)  # the finished run's logs, appended to from here
-    state.mkdir(parents=True, exist_ok=True)
-    return state, resume
+    return state, resume  # the folder is made by the first write into it
 
 
 def main(args) -> None:
-    inputs = Inputs.read("train")
+    inputs = Inputs.read("train", rewritten=LIVE)
     params = load_params(choices={"model.name": MODELS})
     meta = load_meta()
     if params.train.nproc > 1 and not distributed.under_torchrun():

@@ -19,10 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 # Ctrl-C would do nothing. A handled signal is reset to its default in an exec'd child; an ignored one is not.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
 MIRROR = Path("/usr/share/datasets/fashion-mnist")
+
+# pytest-xdist runs a worker per core: each worker and the stages it starts then use one thread, so the
+# workers do not fight over the cores (a run's thread count is fixed by the `threads` param either way).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    import torch
+
+    torch.set_num_threads(1)
 
 # A few hundred images and one epoch: every stage runs for real, in seconds.
 SMALL = {
+    **({"threads": 1} if WORKER else {}),
     "preprocess": {"val_size": 100, "max_train": 600, "max_test": 200},
     "train": {"epochs": 1, "device": "cpu"},
     "export": {"onnx_check_images": 32},
@@ -150,26 +160,48 @@ def mirror() -> Path:
     return MIRROR
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` makes once per test session and every pytest-xdist worker shares: the first
+    worker to get here builds it under a file lock, the others wait and reuse it. Tests copy it before
+    changing anything in it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders are siblings
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def prepared_project(tmp_path_factory, mirror) -> Path:
     """A folder with params.yaml, data/raw and data/prepared from the real download and preprocess."""
-    folder = tmp_path_factory.mktemp("prepared")
-    write_params(folder, {"data": {"mirrors": [str(mirror)]}})
-    for stage in ("download", "preprocess"):
-        result = run_stage(folder, stage)
-        assert result.returncode == 0, result.stderr
-    return folder
+    def build(folder):
+        write_params(folder, {"data": {"mirrors": [str(mirror)]}})
+        for stage in ("download", "preprocess"):
+            result = run_stage(folder, stage)
+            assert result.returncode == 0, result.stderr
+
+    return built_once(tmp_path_factory, "prepared", build)
 
 
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory, prepared_project) -> Path:
     """prepared_project plus train, evaluate and export, run as dvc would run them."""
-    folder = tmp_path_factory.mktemp("trained")
-    shutil.copytree(prepared_project, folder, dirs_exist_ok=True)
-    for stage in ("train", "evaluate", "export"):
-        result = run_stage(folder, stage)
-        assert result.returncode == 0, f"{stage}: {result.stderr}"
-    return folder
+    def build(folder):
+        shutil.copytree(prepared_project, folder, dirs_exist_ok=True)
+        for stage in ("train", "evaluate", "export"):
+            result = run_stage(folder, stage)
+            assert result.returncode == 0, f"{stage}: {result.stderr}"
+
+    return built_once(tmp_path_factory, "trained", build)
 
 
 @pytest.fixture

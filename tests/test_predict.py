@@ -128,7 +128,19 @@ LOSSLESS = {  # name -> (writer, the modes Pillow may open the file in)
     "gray16.pgm": (save_pgm16, ("I", "I;16", "I;16B")),
     "gray.bmp": (lambda g, p: Image.fromarray(g, "L").save(p), ("L",)),
     "lossless.webp": (lambda g, p: Image.fromarray(g, "L").save(p, lossless=True), ("RGB", "L")),
+    # 32-bit float TIFFs as scientific software writes them: 0..1, or 0..255
+    "float01.tiff": (lambda g, p: Image.fromarray(g.astype(np.float32) / 255, "F").save(p), ("F",)),
+    "float255.tiff": (lambda g, p: Image.fromarray(g.astype(np.float32), "F").save(p), ("F",)),
 }
+
+
+@pytest.mark.parametrize("scale, message", [(1000.0, "from 0 to 1000"), (-1.0, "from -1 to")])
+def test_float_images_outside_0_255_are_refused_clearly(scale, message, tmp_path):
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28) * scale, "F").save(path)
+    with pytest.raises(ImageError, match=message) as info:
+        load_image(path, 1, [28, 28])
+    assert str(info.value).startswith(f"{path}: unsupported F image (float pixel values")
 
 
 @pytest.mark.parametrize("name", LOSSLESS)

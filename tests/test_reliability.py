@@ -218,3 +218,41 @@ def test_out_of_space_is_one_clear_line_and_leaves_the_old_files(trained_project
     assert result.stderr.strip().splitlines() == ["error: cannot write models/export/state_dict.pt: File too large"]
     assert (folder / "models/export/state_dict.pt").read_bytes() == before
     assert not list(folder.rglob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_an_output_swapped_while_training_is_reported_and_replaced(trained_project, tmp_path):
+    """A `dvc checkout` in another terminal while train runs: DVC cannot stop it, the stage says so and its
+    own outputs (which dvc.lock will describe) replace the swapped ones."""
+    folder = copy_of(trained_project, tmp_path, "swapped")
+    write_params(folder, {"train": {"epochs": 2, "lr": 0.02}})
+    process = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=folder, text=True,
+                               env=clean_env(PYTHONPATH=str(REPO), TUDUI_FAULT="sigstop@step=3"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until_stopped(process.pid)
+    (folder / "models/model.pt").write_bytes(b"another run's model")
+    os.kill(process.pid, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    assert "warning: models/model.pt changed while train ran" in stderr
+    assert read_torch_file(folder / "models/model.pt")["params"]["train"]["lr"] == 0.02
+
+
+def test_a_full_disk_during_training_is_one_line_and_changes_no_output(trained_project, tmp_path):
+    """The checkpoint write refused by the disk (a file-size limit fails writes as a full disk does)."""
+    import resource
+
+    folder = copy_of(trained_project, tmp_path, "full-train")
+    write_params(folder, {"train": {"lr": 0.02}})
+    before = tracked_outputs(folder)
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=folder, env=clean_env(PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=600, preexec_fn=small_disk)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write .resume/") and last.endswith("checkpoint.pt: File too large"), last
+    assert tracked_outputs(folder) == before

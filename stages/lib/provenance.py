@@ -7,11 +7,14 @@ data/prepared, or an edit to the code would be recorded as if the outputs came f
 status` would then call them up to date. So a stage takes `Inputs.read(name)` when it starts: the
 values of the params its dvc.yaml entry lists and the size and modification time of every file of its
 deps; `verify()` before writing raises a one-line PipelineError naming what changed, and the stage
-writes nothing. dvc.yaml is the one beside this code (the project's root).
+writes nothing. It also notices outputs that something else replaced while the stage ran (a `dvc
+checkout` or `dvc exp apply` in another terminal) and says so; the stage's own outputs then replace
+them, and dvc.lock describes those. dvc.yaml is the one beside this code (the project's root).
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +57,12 @@ class Inputs:
     deps: list[Path]
     params: dict
     files: dict
+    outs: dict
 
     @classmethod
-    def read(cls, stage: str, params_file: Path = Path("params.yaml"), dvc_yaml: Path = ROOT / "dvc.yaml") -> "Inputs":
+    def read(cls, stage: str, params_file: Path = Path("params.yaml"), dvc_yaml: Path = ROOT / "dvc.yaml",
+             rewritten: tuple = ()) -> "Inputs":
+        """`rewritten`: outputs the stage itself rewrites while it runs (train's live metrics)."""
         spec = read_yaml(dvc_yaml)["stages"][stage]
         keys = [key for entry in spec.get("params", []) for key in ([entry] if isinstance(entry, str) else entry)]
         # the code deps are this code's files; the data deps are the working directory's (the same folder under DVC)
@@ -64,7 +70,12 @@ class Inputs:
         files = {}
         for dep in deps:
             files.update(_stat(dep))
-        return cls(stage, params_file, keys, deps, _params(keys, params_file), files)
+        outs = {}
+        for out in spec.get("outs", []):
+            path = Path(next(iter(out)) if isinstance(out, dict) else out)
+            if path not in map(Path, rewritten):
+                outs.update(_stat(path))
+        return cls(stage, params_file, keys, deps, _params(keys, params_file), files, outs)
 
     def verify(self) -> None:
         """PipelineError (one line) when a listed param or a dep changed since `read`."""
@@ -81,3 +92,10 @@ class Inputs:
         if moved:
             raise PipelineError(f"{', '.join(moved[:3])} changed while {self.stage} ran (an edit, or a dvc checkout): "
                                 "nothing was written; run it again")
+        now_outs = {}
+        for path in self.outs:
+            now_outs.update(_stat(Path(path)))
+        swapped = sorted(path for path in self.outs if self.outs[path] != now_outs.get(path))
+        if swapped:
+            print(f"warning: {', '.join(swapped[:3])} changed while {self.stage} ran (a dvc checkout or exp apply?); "
+                  f"this run's outputs replace them", file=sys.stderr, flush=True)

@@ -8,8 +8,8 @@ size and mode). Params: `top_k` (default 3) and `invert` (for dark-on-light phot
 sets such as Fashion-MNIST). Output, one row per image: `class`, `probability` and `top`, the top_k
 classes with their probabilities, as `python -m tools.predict --json` gives them.
 
-Model config (MLmodel; `SERVING_MODEL_CONFIG='{"threads": 2}'` overrides it when served): `classes`,
-`input` (channels, size, resize: how to decode), `threads` (CPU threads per request, default 1: a steady
+Model config (MLmodel; `SERVING_MODEL_CONFIG='{"request_threads": 2}'` overrides it when served): `classes`,
+`input` (channels, size, resize: how to decode), `request_threads` (CPU threads per request, default 1: a steady
 tail latency with several clients; `benchmarks/serve_bench.py --threads 1,2` compares them), `chunk`
 (images decoded and run at a time, default 256: a request of any length needs the memory of one chunk;
 tools/serve.py sets it from serve.chunk). ONNX Runtime runs without its CPU memory arena, which would
@@ -82,7 +82,7 @@ class ImageClassifier(PythonModel):
         config = context.model_config
         self.classes, spec = config["classes"], config["input"]
         self.channels, self.size, self.resize = spec["channels"], spec["size"], spec["resize"]
-        threads = int(config.get("threads", 1))  # per request; uvicorn, the decoding and the next request get the rest
+        threads = int(config.get("request_threads", config.get("threads", 1)))  # per request; uvicorn, the decoding and the next request get the rest
         self.chunk = int(config.get("chunk", self.CHUNK))
         if self.chunk < 1:
             raise ValueError(f"model config chunk must be >= 1, got {self.chunk}")

@@ -70,7 +70,7 @@ def model_spec(model_path: Path, classes: list[str], input_spec: dict, example: 
         spec.loader.exec_module(module)
         sys.modules["images"] = module
     return {"python_model": str(CODE), "code_paths": [str(IMAGE_CODE)], "artifacts": {"model": str(model_path)},
-            "model_config": {"classes": list(classes), "input": dict(input_spec), "threads": 1,
+            "model_config": {"classes": list(classes), "input": dict(input_spec), "request_threads": 1,
                              "chunk": CHUNK},
             "signature": signature(), "input_example": (pd.DataFrame({"image": [b64(example)]}), {"top_k": TOP_K}),
             "pip_requirements": requirements(model_path)}
