@@ -2,13 +2,14 @@
 # make test  — the test suite (what CI runs)
 # make bench — the tutorial's loop vs the train stage vs the fast recipes, 3 seeds, then the served model
 #              (benchmarks/results/); make bench DEVICE=cuda: the same on a GPU, plus CIFAR-10
-# make fast-recipe — the fast recipe as a DVC experiment
+# make fast-recipe — the fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment, by dvc exp run -S
 # make reproduce — rebuild everything from scratch and compare with the committed run
-# make plots — dvc plots show, offline (dvc_plots/index.html)
+# make plots — the plots, offline: dvc_plots/index.html (dvc plots show) and dvc_plots/offline/ (SVG, PNG and a
+#              page without scripts); REVS="HEAD fast-recipe" compares revisions or experiments
 # make screenshots — pictures of the MLflow runs view and of the plots for the README (needs chromium)
 # make serve — the newest registered version of the model over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
 # make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
-# make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read; PROMOTER=1: may move @champion)
+# make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read)
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
@@ -52,7 +53,8 @@ bench-serve: setup
 	dvc repro export
 	$(PY) benchmarks/serve_bench.py $(SERVE_BENCH_ARGS)
 
-# The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace; FAST_EPOCHS=24
+# The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace: each of its lines one
+# `-S key=value`, DVC's own params override (docs/libraries.md: why not Hydra composition); FAST_EPOCHS=24
 # trains longer (the 94% recipe on a GPU, README: On a GPU).
 fast-recipe: setup
 	dvc exp run -f -n fast-recipe $$($(PY) benchmarks/bench.py --print-recipe $(if $(FAST_EPOCHS),--fast-epochs $(FAST_EPOCHS)))
@@ -67,13 +69,16 @@ reproduce: setup
 
 setup: $(VENV)/.installed data-mirror
 
-# dvc plots show without the internet: Vega from the npm registry, inlined into DVC's page template. Only
-# the targets that draw plots wait for it; where the registry is unreachable they say so and go on.
+# dvc plots show without the internet: Vega, Vega-Lite and vega-embed from vl-convert-python's wheel, inlined
+# into DVC's page template (tools/offline_plots.py). Only the targets that draw plots wait for it.
 $(PLOTS_TEMPLATE): tools/offline_plots.py $(VENV)/.installed
-	-$(PY) tools/offline_plots.py || echo "note: dvc plots show will load Vega from its CDN until this succeeds"
+	$(PY) tools/offline_plots.py
 
+# DVC's interactive page (drawn by the browser), then every plot drawn by vl-convert as SVG and PNG, with a
+# page that runs no script (dvc_plots/offline/index.html); REVS="HEAD exp-name" compares them.
 plots: setup $(PLOTS_TEMPLATE)
-	dvc plots show
+	dvc plots $(if $(REVS),diff $(REVS),show)
+	$(PY) tools/offline_plots.py --render dvc_plots/offline $(REVS)
 
 # The README's pictures, from this checkout's runs: MLflow's runs view and dvc plots diff of the experiments.
 screenshots: setup $(PLOTS_TEMPLATE)
@@ -101,21 +106,16 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # Tracking server for the team: runs in PostgreSQL (mlserver/pgdata), artifacts served from
-# mlserver/artifacts, logins by MLflow's basic-auth app with tools/mlflow_auth.py's roles and login
-# throttle (admin password in mlserver/admin_password). Needs Debian's postgresql package. Log to it with
-# tracking.uri=http://HOST:PORT and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
-# The values reach the shell through the environment, unexpanded ($(value)): a name is never shell code.
-mlflow-server mlflow-user: export MLFLOW_SERVER_HOST = $(value SERVER_HOST)
-mlflow-server mlflow-user: export MLFLOW_SERVER_PORT = $(value SERVER_PORT)
+# mlserver/artifacts, logins by MLflow's basic-auth app (admin password in mlserver/admin_password).
+# Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT and
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 mlflow-server: setup
-	$(PY) tools/mlflow_server.py --host="$$MLFLOW_SERVER_HOST" --port="$$MLFLOW_SERVER_PORT"
+	$(PY) tools/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
 
-# A login on the running server; the password is asked for (or read from stdin). READ_ONLY=1: may read
-# and create nothing; PROMOTER=1: may also move aliases (@champion) and set model-version tags.
-mlflow-user: export MLFLOW_NEW_USER = $(value NAME)
+# A login on the running server; the password is asked for (or read from stdin).
 mlflow-user: setup
-	@test -n "$$MLFLOW_NEW_USER" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1 | PROMOTER=1]" >&2; exit 2; }
-	$(PY) tools/mlflow_server.py --add-user="$$MLFLOW_NEW_USER" --host="$$MLFLOW_SERVER_HOST" --port="$$MLFLOW_SERVER_PORT" $(if $(value READ_ONLY),--read-only) $(if $(value PROMOTER),--promoter)
+	@test -n "$(NAME)" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1]" >&2; exit 2; }
+	$(PY) tools/mlflow_server.py --add-user $(NAME) --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(READ_ONLY),--read-only)
 
 # The classifier over HTTP: MLflow's scoring app under uvicorn in this venv (offline), with params.yaml's serve:
 # limits, of tracking.registered_model's newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion).

@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,19 +52,54 @@ SPLIT_SEED = 0  # the train/validation split of every route: the project's (para
 
 
 def preset(route: str) -> dict:
-    return yaml.safe_load(Path(__file__).with_name(PRESETS[route]).read_text())
+    """A recipe: {dotted params.yaml key: value}, read as YAML 1.2 as DVC reads params.yaml (5e-4 is a number)."""
+    from stages.lib.params import read_yaml
+
+    return read_yaml(Path(__file__).with_name(PRESETS[route]))
+
+
+def parse_set(text: str) -> tuple[str, object]:
+    """--set "train.lr=1e-3" -> ("train.lr", 0.001): the value read as YAML 1.2, as in params.yaml."""
+    from ruamel.yaml import YAML, YAMLError
+    from stages.lib.params import ParamsError
+
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise ParamsError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+    try:
+        return key.strip(), YAML(typ="safe", pure=True).load(value)
+    except YAMLError as exc:
+        raise ParamsError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
+
+
+def override_flag(key: str, value) -> str:
+    """`-S key=value` for `dvc exp run`, in Hydra's override grammar (what DVC's -S parses): JSON for
+    numbers, booleans and lists; a plain string as it is unless Hydra would read it as something else."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if isinstance(value, str):
+        parsed = OverridesParser.create().parse_override(f"{key}={value}").value()
+        if parsed == value and isinstance(parsed, str):
+            return f"-S {key}={value}"
+    return f"-S {key}={json.dumps(value, ensure_ascii=False)}"
 
 
 def project_params(route: str, epochs: int | None, seed: int, device: str, overrides: list[str] = ()):
-    """params.yaml, with the route's recipe and then `overrides` ("train.lr=0.2", YAML values) over it."""
-    from stages.lib.params import read_yaml, validate
+    """params.yaml, with the route's recipe and then `overrides` ("train.lr=1e-3", YAML 1.2 values) over it.
+    A key that does not exist is refused by validate (with a "did you mean")."""
+    from stages.lib.params import ParamsError, read_yaml, validate
 
     params = read_yaml(ROOT / "params.yaml")
     changes = preset(route) if route in PRESETS else {}
-    changes.update((k, yaml.safe_load(v)) for k, v in (o.split("=", 1) for o in overrides))
+    changes.update(parse_set(o) for o in overrides)
     for key, value in changes.items():
-        section, name = key.split(".")
-        params[section][name] = value
+        *path, name = key.split(".")
+        section = params
+        for part in path:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):
+                raise ParamsError(f"{key}: {part} is a value, not a section of params.yaml")
+        section[name] = value
     if epochs:
         params["train"]["epochs"] = epochs
     params["seed"], params["train"]["device"] = seed, device
@@ -397,7 +431,8 @@ def main() -> None:
     parser.add_argument("--routes", help="comma-separated, of reference,project,fast-short,fast,cifar10 "
                                          "(default: all but cifar10 on a CPU, all on CUDA)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change the recipes, e.g. --set train.lr=0.2 (repeatable)")
+                        help="change the recipes, e.g. --set train.lr=1e-3 (a params.yaml key, the value read as "
+                             "YAML 1.2 as DVC reads params.yaml; repeatable)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
     parser.add_argument("--print-recipe", nargs="?", const="fast", choices=list(PRESETS),
@@ -406,15 +441,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: with --route
     parser.add_argument("--cifar-raw", help=argparse.SUPPRESS)  # internal: the fetched CIFAR-10 folder
     args = parser.parse_args()
+    from stages.lib.params import ParamsError
+
     if args.print_recipe:
         recipe = preset(args.print_recipe)
         if args.fast_epochs and args.print_recipe == "fast":  # e.g. 24 on a GPU (README: On a GPU)
             recipe["train.epochs"] = args.fast_epochs
-        print(" ".join(f"-S {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in recipe.items()))
+        print(" ".join(override_flag(k, v) for k, v in recipe.items()))
         return
     if args.route:
         print(json.dumps(run_route(args.route, args.seed, args)))
         return
+    try:  # a wrong --set is one line before anything runs
+        for route in PRESETS:
+            project_params(route, None, 0, "cpu", args.set)
+    except ParamsError as exc:
+        sys.exit(f"error: {exc}")
     if not args.raw.is_dir():
         sys.exit(f"{args.raw} not found: run `dvc repro download` first, or pass --raw")
     from stages.lib.device import resolve_device

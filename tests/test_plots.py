@@ -1,27 +1,18 @@
-"""`dvc plots`: exactly the intended plots, each once, drawn offline in a real browser (Debian's chromium),
-and the script that makes DVC's page work offline (tools/offline_plots.py)."""
-import base64
-import hashlib
+"""`dvc plots`: exactly the intended plots, each once, with named axes, drawn offline: DVC's page with
+tools/offline_plots.py's template in a real browser (Debian's chromium), and the SVG, PNG and page that
+`tools/offline_plots.py --render` (`make plots`) draws with vl-convert."""
 import importlib.util
-import io
 import json
 import re
 import shutil
 import subprocess
-import tarfile
+import sys
 
 import pytest
 
 from conftest import REPO, make_dvc_repo, needs, sh
 
 INTENDED = {"loss", "accuracy", "confusion", "per_class"}
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("offline_plots", REPO / "tools/offline_plots.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +33,17 @@ def test_plots_are_exactly_the_intended_ones_each_once(repo):
 
 
 @pytest.fixture(scope="module")
-def offline_template():
-    """The page template `make plots` (and `make run`, `make test`) writes (it is fetched from the npm registry, which tests must not call)."""
-    path = load_script().TEMPLATE
-    needs(path.is_file(), f"{path} is missing: run `make plots` (tools/offline_plots.py)")
+def vl_convert():
+    needs(importlib.util.find_spec("vl_convert") is not None, "vl-convert-python is missing: make setup (uv.lock)")
+
+
+@pytest.fixture(scope="module")
+def offline_template(vl_convert, tmp_path_factory):
+    """The page template `make plots` (and `make run`, `make test`) writes, built here from the wheel."""
+    path = tmp_path_factory.mktemp("template") / "plots_offline.html"
+    result = subprocess.run([sys.executable, str(REPO / "tools/offline_plots.py"), "--out", str(path), "--no-config"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
     return path
 
 
@@ -67,51 +65,68 @@ def rendered_dom(browser: str, page, tmp_path) -> str:
     return result.stdout
 
 
+TITLES = ["Loss per epoch", "Test accuracy per class", "Test confusion matrix", "Validation accuracy per epoch"]
+AXES = {"Loss per epoch": ("epoch", "cross-entropy loss"),  # (x, y) as dvc.yaml's x_label and y_label
+        "Validation accuracy per epoch": ("epoch", "validation accuracy"),
+        "Test confusion matrix": ("actual class", "predicted class"),
+        "Test accuracy per class": ("test accuracy", "class")}
+
+
+def drawn_plots(svg_text: str) -> dict:
+    """{plot title: its SVG} of every Vega drawing (not icons) in a page or an SVG file, each checked: a
+    point per epoch and series, or at least one cell or bar per class, and both axes titled as dvc.yaml says."""
+    svgs = re.findall(r'<svg[^>]*class="marks".*?</svg>', svg_text, flags=re.S)
+    title = r"aria-label=\"Title text '([^']+)'\"[^>]*>\s*<text[^>]*font-size=\"13px\""  # the plot's, not a legend's
+    drawn = {re.search(title, svg).group(1): svg for svg in svgs}
+    for name, svg in drawn.items():
+        if name in ("Loss per epoch", "Validation accuracy per epoch"):
+            assert re.search(r'<g class="mark-(line|symbol) role-mark[^"]*"[^>]*>\s*<path[^>]* d="M', svg), name
+        else:
+            groups = re.findall(r'<g class="mark-rect role-mark[^"]*"[^>]*>(.*?)</g>', svg, flags=re.S)
+            assert max(group.count("<path") for group in groups) >= 10, name
+        x, y = AXES[name]
+        assert f"X-axis titled '{x}'" in svg and f"Y-axis titled '{y}'" in svg, name
+    return drawn
+
+
 @pytest.mark.slow
 def test_the_plots_page_draws_every_plot_offline(repo, offline_template, chromium, tmp_path):
     sh(repo, "dvc", "plots", "show", "--html-template", str(offline_template))
     page = repo / "dvc_plots/index.html"
     assert "cdn.jsdelivr.net" not in page.read_text()
-    dom = rendered_dom(chromium, page, tmp_path)
-    svgs = re.findall(r'<svg[^>]*class="marks".*?</svg>', dom, flags=re.S)  # Vega's drawings, not icons
-    title = r"aria-label=\"Title text '([^']+)'\"[^>]*>\s*<text[^>]*font-size=\"13px\""  # the plot's, not a legend's
-    drawn = {re.search(title, svg).group(1): svg for svg in svgs}
-    assert sorted(drawn) == ["Loss per epoch", "Test accuracy per class", "Test confusion matrix",
-                             "Validation accuracy per epoch"]
-    for title in ("Loss per epoch", "Validation accuracy per epoch"):  # a point per epoch and series
-        assert re.search(r'<g class="mark-(line|symbol) role-mark[^"]*"[^>]*>\s*<path[^>]* d="M', drawn[title]), title
-    for title in ("Test confusion matrix", "Test accuracy per class"):  # cells and bars: one per class at least
-        groups = re.findall(r'<g class="mark-rect role-mark[^"]*"[^>]*>(.*?)</g>', drawn[title], flags=re.S)
-        assert max(group.count("<path") for group in groups) >= 10, title
+    assert sorted(drawn_plots(rendered_dom(chromium, page, tmp_path))) == TITLES
 
 
-def fake_package(name: str) -> bytes:
-    """A tarball laid out like the npm package, with a stand-in build/<name>.min.js."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        code = f"window.{name.replace('-', '_')} = 'stand-in'; /* </script> inside code */".encode()
-        info = tarfile.TarInfo(f"package/build/{name}.min.js")
-        info.size = len(code)
-        tar.addfile(info, io.BytesIO(code))
-    return buffer.getvalue()
+@pytest.mark.slow
+def test_make_plots_draws_every_plot_as_files_and_a_page_without_scripts(repo, vl_convert, chromium, tmp_path):
+    out = tmp_path / "drawn"
+    result = subprocess.run([sys.executable, str(REPO / "tools/offline_plots.py"), "--render", str(out)], cwd=repo,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    names = sorted(INTENDED)
+    files = ["index.html", *(f"{n}.{e}" for n in names for e in ("png", "svg"))]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert sorted(drawn_plots("".join((out / f"{n}.svg").read_text() for n in names))) == TITLES
+    for name in names:
+        png = (out / f"{name}.png").read_bytes()
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and width > 400 and height > 400, name
+    page = (out / "index.html").read_text()
+    assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page)
+    # the page as a browser shows it, with every host name unresolvable: the same four drawings
+    assert sorted(drawn_plots(rendered_dom(chromium, out / "index.html", tmp_path))) == TITLES
 
 
-def test_offline_plots_script_checks_what_it_downloads(serve_folder, tmp_path, monkeypatch):
-    script = load_script()
-    www = tmp_path / "registry"
-    pinned = {}
-    for name, (version, _) in script.PACKAGES.items():
-        (www / name / "-").mkdir(parents=True)
-        tarball = fake_package(name)
-        (www / name / "-" / f"{name}-{version}.tgz").write_bytes(tarball)
-        pinned[name] = (version, base64.b64encode(hashlib.sha512(tarball).digest()).decode())
-    registry = serve_folder(www)
+def test_the_template_inlines_the_libraries_and_leaves_dvc_its_placeholders(offline_template):
+    page = offline_template.read_text()
+    assert page.count("<script>") == 2 and "{plot_divs}" in page and "{refresh_tag}" in page
+    assert "window.vegaEmbed=" in page and "cdn.jsdelivr.net" not in page and "https://cdn" not in page
+    code = page[page.index("<script>") + 8:page.index("</script>")]
+    assert "</script" not in code and len(code) > 500_000  # all of Vega, Vega-Lite and vega-embed, one element
 
-    with pytest.raises(script.Fail, match="is not the pinned"):  # the real pins do not match stand-ins
-        script.template(registry, 10)
-    monkeypatch.setattr(script, "PACKAGES", pinned)
-    page = script.template(registry, 10)
-    assert page.count("<script>") == 4 and "{plot_divs}" in page and "{refresh_tag}" in page
-    assert "<\\/script> inside code" in page and "cdn.jsdelivr.net" not in page
-    with pytest.raises(script.Fail, match="cannot download"):
-        script.template(registry + "/nowhere", 10)
+
+def test_render_says_in_one_line_when_there_is_nothing_to_draw(vl_convert, tmp_path):
+    folder = make_dvc_repo(tmp_path / "empty")  # nothing run yet: dvc.yaml's plots have no data
+    result = subprocess.run([sys.executable, str(REPO / "tools/offline_plots.py"), "--render", str(tmp_path / "out")],
+                            cwd=folder, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: dvc plots shows no")
