@@ -9,7 +9,7 @@
 # make screenshots — pictures of the MLflow runs view and of the plots for the README (needs chromium)
 # make serve — the newest registered version of the model over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
 # make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
-# make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read)
+# make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read; PROMOTER=1: may move @champion)
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
@@ -106,16 +106,21 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # Tracking server for the team: runs in PostgreSQL (mlserver/pgdata), artifacts served from
-# mlserver/artifacts, logins by MLflow's basic-auth app (admin password in mlserver/admin_password).
-# Needs Debian's postgresql package. Log to it with tracking.uri=http://HOST:PORT and
-# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+# mlserver/artifacts, logins by MLflow's basic-auth app with tools/mlflow_auth.py's roles and login
+# throttle (admin password in mlserver/admin_password). Needs Debian's postgresql package. Log to it with
+# tracking.uri=http://HOST:PORT and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+# The values reach the shell through the environment, unexpanded ($(value)): a name is never shell code.
+mlflow-server mlflow-user: export MLFLOW_SERVER_HOST = $(value SERVER_HOST)
+mlflow-server mlflow-user: export MLFLOW_SERVER_PORT = $(value SERVER_PORT)
 mlflow-server: setup
-	$(PY) tools/mlflow_server.py --host $(SERVER_HOST) --port $(SERVER_PORT)
+	$(PY) tools/mlflow_server.py --host="$$MLFLOW_SERVER_HOST" --port="$$MLFLOW_SERVER_PORT"
 
-# A login on the running server; the password is asked for (or read from stdin).
+# A login on the running server; the password is asked for (or read from stdin). READ_ONLY=1: may read
+# and create nothing; PROMOTER=1: may also move aliases (@champion) and set model-version tags.
+mlflow-user: export MLFLOW_NEW_USER = $(value NAME)
 mlflow-user: setup
-	@test -n "$(NAME)" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1]" >&2; exit 2; }
-	$(PY) tools/mlflow_server.py --add-user $(NAME) --host $(SERVER_HOST) --port $(SERVER_PORT) $(if $(READ_ONLY),--read-only)
+	@test -n "$$MLFLOW_NEW_USER" || { echo "error: name the user: make mlflow-user NAME=alice [READ_ONLY=1 | PROMOTER=1]" >&2; exit 2; }
+	$(PY) tools/mlflow_server.py --add-user="$$MLFLOW_NEW_USER" --host="$$MLFLOW_SERVER_HOST" --port="$$MLFLOW_SERVER_PORT" $(if $(value READ_ONLY),--read-only) $(if $(value PROMOTER),--promoter)
 
 # The classifier over HTTP: MLflow's scoring app under uvicorn in this venv (offline), with params.yaml's serve:
 # limits, of tracking.registered_model's newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion).
