@@ -10,6 +10,7 @@
 # make serve — the newest registered version of the model over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
 # make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
 # make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read; PROMOTER=1: may move @champion)
+# make lock — re-resolve uv.lock after editing pyproject.toml's dependencies; make lock-check: do they agree?
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
@@ -23,7 +24,7 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv
+.PHONY: run test bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check
 
 run: setup $(PLOTS_TEMPLATE)
 	dvc repro
@@ -84,10 +85,26 @@ plots: setup $(PLOTS_TEMPLATE)
 screenshots: setup $(PLOTS_TEMPLATE)
 	$(PY) tools/screenshots.py $(REVS)
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+# The venv holds exactly uv.lock (docs/install.md): uv sync --locked stops if pyproject.toml and the lock
+# disagree, installs the locked versions, removes anything else, and installs the project editable.
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+UV_FLAGS := --no-python-downloads
+UV_BOOTSTRAP = test -x $(PY) || python3 -m venv $(VENV); \
+	$(UV) --version 2>/dev/null | grep -qxF 'uv $(UV_VERSION)' || $(PY) -m pip install -q uv==$(UV_VERSION)
+
+$(VENV)/.installed: pyproject.toml uv.lock
+	$(UV_BOOTSTRAP)
+	$(UV) sync $(UV_FLAGS) --locked --extra dev
 	touch $@
+
+lock:
+	$(UV_BOOTSTRAP)
+	$(UV) lock $(UV_FLAGS)
+
+lock-check:
+	$(UV_BOOTSTRAP)
+	$(UV) lock $(UV_FLAGS) --check
 
 # The offline copy of Fashion-MNIST: Debian's dataset-fashion-mnist, installed when apt is usable.
 data-mirror:
