@@ -1,5 +1,5 @@
 # make run   — set up .venv and the data mirror, then rebuild the whole pipeline with `dvc repro`
-# make test  — the test suite (what CI runs)
+# make test  — the test suite (what CI runs), a worker per core; make test-fast — the edit loop's tests (≤ 2 min)
 # make bench — the tutorial's loop vs the train stage vs the fast recipes, 3 seeds, then the served model
 #              (benchmarks/results/); make bench DEVICE=cuda: the same on a GPU, plus CIFAR-10
 # make fast-recipe — the fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment, by dvc exp run -S
@@ -24,9 +24,10 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check
+.PHONY: run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check
 
 run: setup $(PLOTS_TEMPLATE)
+	$(PY) -m tools.check
 	dvc repro
 	@echo
 	dvc metrics show
@@ -36,8 +37,18 @@ run: setup $(PLOTS_TEMPLATE)
 	@echo "Classify an image: $(PY) -m tools.predict IMAGE"
 	@echo "Compare runs in MLflow: make ui"
 
+# pytest-xdist: a worker per core (TEST_JOBS=1 runs them one at a time), a test file per worker so that its
+# module fixtures are built once; the 15 slowest tests are listed at the end.
+TEST_JOBS ?= auto
+TEST_ARGS = -q -n $(TEST_JOBS) --dist loadfile
 test: setup $(PLOTS_TEMPLATE)
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(TEST_ARGS) --durations=15
+
+# Unit tests and one small end-to-end run (download -> export on 600 images), without servers or DVC repos.
+FAST_TESTS := tests/test_params.py tests/test_stage_deps.py tests/test_engine.py tests/test_models.py \
+	tests/test_archives.py tests/test_train.py tests/test_evaluate_export.py
+test-fast: setup
+	$(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS)
 
 # The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run; DEVICE=cuda runs every
 # route on the GPU and adds the CIFAR-10 route (data.mirrors); BENCH_ARGS="--seeds 1 --epochs 2" shortens it.
@@ -62,6 +73,7 @@ fast-recipe: setup
 
 # Rebuild every stage from scratch and show what differs from the committed run (README: Reproducing a run).
 reproduce: setup
+	$(PY) -m tools.check
 	dvc repro --force
 	@echo
 	dvc metrics diff
