@@ -9,6 +9,7 @@ old folder only when the stage succeeded. DVC is told not to delete these output
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages.lib.errors import PipelineError, one_line
+
+DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # a write the disk refused
 
 
 def _cannot_write(path, exc: OSError) -> PipelineError:
@@ -46,15 +49,18 @@ def _fsync(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed. An
-    OSError while the block writes (a full disk) is one line that names `path`."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed. A
+    write the disk refuses inside the block (full, over a quota or a size limit, read-only) is one line
+    that names `path`; other errors (a source that cannot be read) pass through as they are."""
     path = Path(path)
     tmp = _temp_beside(path)
     try:
         try:
             yield tmp
         except OSError as exc:
-            raise _cannot_write(path, exc) from None
+            if exc.errno in DISK_REFUSED:
+                raise _cannot_write(path, exc) from None
+            raise
         try:
             _fsync(tmp)
             os.replace(tmp, path)

@@ -194,8 +194,10 @@ class Tracker:
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" lines
         mlflow.set_tracking_uri(tracking_uri(self.tracking))
-        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_EVERY_S)
-        mlflow.set_system_metrics_samples_before_logging(1)
+        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):  # the user's setting wins
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_EVERY_S)
+        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"):
+            mlflow.set_system_metrics_samples_before_logging(1)
         return mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
 
     def record(self) -> dict:
