@@ -24,12 +24,12 @@ def metrics_files(repo: Path) -> dict:
 
 @pytest.mark.slow
 def test_parallel_queued_experiments_all_log_to_the_repo_root_store(exp_repo):
-    """Four lr/epoch variants queued, two workers at a time: every one finishes as its own MLflow run in
+    """Three lr/epoch variants queued, two workers at a time: every one finishes as its own MLflow run in
     the repo root's sqlite store (not in the temporary copies), with no lost or doubled runs; and the one
     that repeats an experiment run alone beforehand gives the same metrics files, byte for byte."""
     sh(exp_repo, "dvc", "exp", "run", "-n", "alone", "-S", "train.lr=0.03", "-S", "train.epochs=1")
     alone = metrics_files(exp_repo)
-    variants = {"q-lr02": ("0.02", "1"), "q-lr03": ("0.03", "1"), "q-lr05-e2": ("0.05", "2"), "q-lr08": ("0.08", "1")}
+    variants = {"q-lr02": ("0.02", "1"), "q-lr03": ("0.03", "1"), "q-lr05-e2": ("0.05", "2")}
     for name, (lr, epochs) in variants.items():
         sh(exp_repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", "-S", f"train.epochs={epochs}")
     # The workers it spawns inherit its stdout: read through a pipe (sh), it would return only when the
