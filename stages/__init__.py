@@ -1,1 +1,1 @@
-"""The pipeline's stages (download, preprocess, train, evaluate, export, predict) and their shared modules."""
+"""The pipeline's five DVC stages (download, preprocess, train, evaluate, export) and their library, stages/lib/."""
