@@ -11,6 +11,10 @@
 # make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
 # make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read; PROMOTER=1: may move @champion)
 # make lock — re-resolve uv.lock after editing pyproject.toml's dependencies; make lock-check: do they agree?
+# make bench-serve — the served model's latency, throughput and memory (benchmarks/results/serving.md)
+# make tensorboard — TensorBoard on logs/; make ui — the MLflow UI on this project's runs (127.0.0.1:$(UI_PORT))
+# make setup — only the venv (exactly uv.lock) and the data mirror (make data-mirror); make clean-venv — remove the venv
+# make help — this list
 VENV := .venv
 PY := $(VENV)/bin/python
 # DVC stages call `python -m stages.X`: make them find the venv's python.
@@ -24,7 +28,10 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check
+.PHONY: help run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check
+
+help:
+	@sed -n 's/^# make /make /p; s/^#              /               /p' $(firstword $(MAKEFILE_LIST))
 
 run: setup $(PLOTS_TEMPLATE)
 	$(PY) -m tools.check

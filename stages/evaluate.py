@@ -51,12 +51,13 @@ def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: list[s
 
 
 def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str], cell: int = 44):
-    """A confusion-matrix heat map as a PIL image (rows: actual, columns: predicted, counts in cells)."""
+    """A confusion-matrix heat map as a PIL image, oriented like `dvc plots`' confusion plot (columns:
+    actual, rows: predicted, counts in cells)."""
     from PIL import Image, ImageDraw
 
     n = len(classes)
     counts = torch.zeros(n, n, dtype=torch.int64)
-    counts.index_put_((labels.cpu(), predicted.cpu()), torch.ones(len(labels), dtype=torch.int64), accumulate=True)
+    counts.index_put_((predicted.cpu(), labels.cpu()), torch.ones(len(labels), dtype=torch.int64), accumulate=True)
     left, top = 110, 110
     image = Image.new("RGB", (left + n * cell + 10, top + n * cell + 30), "white")
     draw = ImageDraw.Draw(image)
@@ -72,7 +73,7 @@ def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list
             box = (left + p * cell, top + a * cell, left + (p + 1) * cell - 1, top + (a + 1) * cell - 1)
             draw.rectangle(box, fill=(shade, shade, 255) if a != p else (shade, 255, shade))
             draw.text((box[0] + 4, box[1] + cell // 2 - 6), str(value), fill="black" if shade > 110 else "white")
-    draw.text((left, top + n * cell + 8), "rows: actual, columns: predicted", fill="black")
+    draw.text((left, top + n * cell + 8), "columns: actual, rows: predicted", fill="black")
     return image
 
 

@@ -94,6 +94,7 @@ def check_same_answers(rows: list[dict], expected: list[dict]) -> None:
         assert [t["probability"] for t in row["top"]] == pytest.approx([t["probability"] for t in want["top"]],
                                                                      abs=2e-4)
         assert (row["class"], row["probability"]) == (row["top"][0]["class"], row["top"][0]["probability"])
+        assert set(row) == set(want) - {"image"}  # predict --json gives the served row, plus the file's name
 
 
 def test_export_registers_a_version_of_the_logged_pyfunc(served, client):

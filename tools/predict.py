@@ -36,9 +36,12 @@ def predict(model, model_file: ModelFile, paths: list[Path], top: int = 3, inver
         probs = model(model_file.preprocess()(images)).softmax(1)
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
-    return [{"image": str(p), "top": [{"class": model_file.classes[i], "probability": round(v, 4)}
-                                      for v, i in zip(vs.tolist(), ix.tolist())]}
-            for p, vs, ix in zip(paths, values, indices)]
+    results = []
+    for path, vs, ix in zip(paths, values, indices):
+        top = [{"class": model_file.classes[i], "probability": round(v, 4)} for v, i in zip(vs.tolist(), ix.tolist())]
+        # the served model's row ({class, probability, top}), with the file it came from
+        results.append({"image": str(path), "class": top[0]["class"], "probability": top[0]["probability"], "top": top})
+    return results
 
 
 def add_arguments(parser) -> None:

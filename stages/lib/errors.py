@@ -30,9 +30,14 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 def run(main, argv=None, description: str | None = None, add_arguments=None) -> None:
     """Parse the command line, call `main(args)`, and exit 2 with `error: ...` on a PipelineError.
 
-    `--debug` shows the full traceback instead. Ctrl-C exits 130 with one line.
+    `--debug` shows the full traceback instead. Ctrl-C exits 130 with one line. The exit codes of every
+    stage and tool: 0 done, 2 a problem the message explains (argparse's usage errors too), 130 Ctrl-C,
+    1 a crash (a bug: the traceback says where). `--help` names the command as it is run
+    (`python -m stages.train`) and shows every default.
     """
-    parser = argparse.ArgumentParser(description=description)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.name}" if spec and spec.name else None,
+                                     description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     if add_arguments:
         add_arguments(parser)

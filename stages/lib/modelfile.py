@@ -29,7 +29,8 @@ def read_torch_file(path: str | Path, map_location="cpu") -> dict:
     """A dict of this pipeline's format from a .pt file, loaded without running pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"{path} not found" if not path.exists() else f"{path} is not a file")
+        raise PipelineError(f"{path} not found: make it with `make run` (dvc repro), or fetch it with `dvc pull`"
+                            if not path.exists() else f"{path} is not a file")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; the error says enough
             warnings.simplefilter("ignore")
