@@ -4,8 +4,9 @@ Runs the model once over the test images for their logits; every metric is compu
 `test_metrics` (the one place to add one: it then shows in metrics/eval.json, `dvc exp show`, MLflow and
 the model card, and needs no retraining). Writes metrics/eval.json (the numbers experiments are compared by),
 metrics/per_class.csv (accuracy and image count per class, a bar chart in `dvc plots`) and
-metrics/confusion.csv (one `actual,predicted` row per test image, DVC's confusion-matrix plot); adds
-them to the training's MLflow run with a confusion-matrix picture and a per-class table.
+metrics/predictions.csv (one `index,actual,predicted,probability` row per test image: DVC's
+confusion-matrix plot, and `make flips` between two experiments); adds them to the training's MLflow run
+with a confusion-matrix picture, a per-class table and the predictions as a table.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from stages.lib.files import csv_bytes, json_bytes, write_files
 from stages.lib.loader import BatchLoader
 from stages.lib.modelfile import load_model
 from stages.lib.params import load_params
-from stages.lib.paths import CONFUSION, EVAL_METRICS, MODEL, PER_CLASS
+from stages.lib.paths import EVAL_METRICS, MODEL, PER_CLASS, PREDICTIONS
 from stages.lib.prepared import load_split
 from stages.lib.provenance import Inputs
 from stages.lib.tracking.runs import Tracker
@@ -45,9 +46,12 @@ def per_class(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str])
     return rows
 
 
-def confusion_csv(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> bytes:
-    return csv_bytes([{"actual": classes[a], "predicted": classes[p]}
-                      for a, p in zip(labels.tolist(), predicted.tolist())])
+def predictions(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> list[dict]:
+    """One row per test image in the test split's order: its index, true class, predicted class and the
+    predicted class's softmax probability (4 decimals: the file stays small, ~35 bytes a row)."""
+    probability, predicted = logits.float().softmax(1).max(1)
+    return [{"index": i, "actual": classes[a], "predicted": classes[p], "probability": f"{q:.4f}"}
+            for i, (a, p, q) in enumerate(zip(labels.tolist(), predicted.tolist(), probability.tolist()))]
 
 
 def confusion_image(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str], cell: int = 44):
@@ -92,12 +96,12 @@ def main(args) -> None:
     seconds = time.perf_counter() - began
     metrics, predicted = test_metrics(logits, labels, batch_size), logits.argmax(1)
     classes = per_class(labels, predicted, model_file.classes)
+    rows = predictions(logits, labels, model_file.classes)
     inputs.verify()
-    write_files({EVAL_METRICS: json_bytes(metrics), PER_CLASS: csv_bytes(classes),
-                 CONFUSION: confusion_csv(labels, predicted, model_file.classes)})
+    write_files({EVAL_METRICS: json_bytes(metrics), PER_CLASS: csv_bytes(classes), PREDICTIONS: csv_bytes(rows)})
     tracker = Tracker.resume(params.tracking)
-    tracker.log_test(metrics, classes, step=model_file.epoch)
-    for path in (EVAL_METRICS, PER_CLASS, CONFUSION):
+    tracker.log_test(metrics, classes, rows, step=model_file.epoch)
+    for path in (EVAL_METRICS, PER_CLASS):
         tracker.log_artifact(path, "metrics")
     if tracker.active:
         with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +109,7 @@ def main(args) -> None:
             confusion_image(labels, predicted, model_file.classes).save(picture, format="PNG")
             tracker.log_artifact(picture, "metrics")
     shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
-    print(f"{shown} on {len(labels)} images in {seconds:.2f}s ({device}); wrote {EVAL_METRICS}, {PER_CLASS}, {CONFUSION}")
+    print(f"{shown} on {len(labels)} images in {seconds:.2f}s ({device}); wrote {EVAL_METRICS}, {PER_CLASS}, {PREDICTIONS}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def test_eval_metrics_match_a_recomputation(trained_project):
     images, labels = load_split("test", trained_project / "data/prepared")
     normalize = ckpt.preprocess(padded=True)
     with torch.inference_mode():
-        predicted = model(normalize(images)).argmax(1)
+        logits = model(normalize(images))
+    predicted = logits.argmax(1)
     assert {"test_accuracy", "test_loss"} <= set(metrics)  # the numbers experiments are compared by
     assert abs(metrics["test_accuracy"] - (predicted == labels).float().mean().item()) < 1e-6
     per_class = list(csv.DictReader((trained_project / "metrics/per_class.csv").open()))
@@ -34,10 +35,13 @@ def test_eval_metrics_match_a_recomputation(trained_project):
         if mask.any():
             assert float(row["accuracy"]) == pytest.approx((predicted[mask] == index).float().mean().item(), abs=1e-6)
 
-    rows = list(csv.DictReader((trained_project / "metrics/confusion.csv").open()))
-    assert len(rows) == 200 and set(rows[0]) == {"actual", "predicted"}
+    rows = list(csv.DictReader((trained_project / "metrics/predictions.csv").open()))
+    assert len(rows) == 200 and list(rows[0]) == ["index", "actual", "predicted", "probability"]
+    assert [int(r["index"]) for r in rows] == list(range(200))
     assert [r["actual"] for r in rows] == [ckpt.classes[i] for i in labels.tolist()]
     assert [r["predicted"] for r in rows] == [ckpt.classes[i] for i in predicted.tolist()]
+    top = logits.float().softmax(1).max(1).values.tolist()
+    assert [float(r["probability"]) for r in rows] == pytest.approx(top, abs=1e-4)
 
 
 def raw_test_images(project, n: int) -> torch.Tensor:

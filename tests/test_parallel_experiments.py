@@ -19,7 +19,7 @@ def exp_repo(tmp_path_factory, mirror):
 
 def metrics_files(repo: Path) -> dict:
     return {name: (repo / "metrics" / name).read_text()
-            for name in ("train.json", "train_history.csv", "eval.json", "confusion.csv", "export.json")}
+            for name in ("train.json", "train_history.csv", "eval.json", "predictions.csv", "export.json")}
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ def test_dvc_repro_builds_everything_then_is_up_to_date(repo):
         assert f"Running stage '{stage}'" in out
     for path in ("data/raw/fashion_mnist/train-images-idx3-ubyte.gz", "data/prepared/train.pt", "models/model.pt",
                  "models/checkpoint.pt", "models/export/model.onnx", "models/export/state_dict.pt",
-                 "models/export/MODEL_CARD.md", "metrics/confusion.csv", "metrics/train_history.csv", "dvc.lock"):
+                 "models/export/MODEL_CARD.md", "metrics/predictions.csv", "metrics/train_history.csv", "dvc.lock"):
         assert (repo / path).is_file(), path
     assert any((repo / "logs").glob("events.out.tfevents.*"))
     metrics = json.loads(sh(repo, "dvc", "metrics", "show", "--json", stdout_only=True))
@@ -64,7 +64,7 @@ def test_forced_rerun_is_bit_for_bit(repo):
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
         outs = {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])}
         metrics = {name: (repo / "metrics" / name).read_text()
-                   for name in ("train.json", "train_history.csv", "eval.json", "confusion.csv")}
+                   for name in ("train.json", "train_history.csv", "eval.json", "predictions.csv")}
         return outs, metrics
 
     sh(repo, "dvc", "repro")

@@ -16,7 +16,7 @@ TRAIN_ENV = Path("metrics/train_env.json")    # device, precision, threads: wher
 
 EVAL_METRICS = Path("metrics/eval.json")      # evaluate: the numbers experiments are compared by
 PER_CLASS = Path("metrics/per_class.csv")
-CONFUSION = Path("metrics/confusion.csv")
+PREDICTIONS = Path("metrics/predictions.csv")  # one row per test image: the confusion plot, make flips
 
 EXPORT_DIR = Path("models/export")            # export: state_dict.pt, model.onnx, MODEL_CARD.md
 EXPORT_REPORT = Path("metrics/export.json")   # export: the ONNX check and file sizes

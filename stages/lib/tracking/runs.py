@@ -269,12 +269,14 @@ class Tracker:
                           "train_loss": row["train_loss"], "epoch_seconds": seconds,
                           "images_per_s": images / seconds}, step=row["epoch"])
 
-    def log_test(self, metrics: dict, per_class: list[dict], step: int) -> None:
-        """The test metrics, and per-class accuracy as a table (not ten metrics of one point each)."""
+    def log_test(self, metrics: dict, per_class: list[dict], predictions: list[dict], step: int) -> None:
+        """The test metrics; per-class accuracy and the per-image predictions as tables (MLflow's
+        artifact view shows and filters them; per class: not ten metrics of one point each)."""
         self.log_metrics(metrics, step=step)
         if self.active:
-            columns = {key: [row[key] for row in per_class] for key in per_class[0]}
-            self._guard(self.client.log_table, self.run_id, data=columns, artifact_file="metrics/per_class.json")
+            for name, rows in (("per_class", per_class), ("predictions", predictions)):
+                columns = {key: [row[key] for row in rows] for key in rows[0]}
+                self._guard(self.client.log_table, self.run_id, data=columns, artifact_file=f"metrics/{name}.json")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
