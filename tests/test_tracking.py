@@ -52,7 +52,7 @@ def test_stages_log_one_run(trained_project, tmp_path, monkeypatch):
     history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in history] == [1]
     artifacts = {a.path for top in ("metrics", "export", "tensorboard") for a in client.list_artifacts(run.info.run_id, top)}
-    assert {"metrics/eval.json", "metrics/per_class.json", "metrics/confusion.png", "export/MODEL_CARD.md"} <= artifacts
+    assert {"metrics/eval.json", "metrics/per_class.json", "metrics/predictions.json", "metrics/confusion.png", "export/MODEL_CARD.md"} <= artifacts
     assert any(path.startswith("tensorboard/events.out.tfevents") for path in artifacts)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.artifact_location == (folder / "mlartifacts" / "tudui-pipeline").as_uri()
