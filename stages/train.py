@@ -38,7 +38,7 @@ from stages.lib.prepared import load_meta, load_split, training_images
 from stages.lib.provenance import Inputs
 from stages.lib.tracking.runs import Tracker
 from stages.lib.device import resolve_device, set_threads, use_bf16
-from stages.lib.training import Epoch, cpu_state, fit
+from stages.lib.training import Epoch, cpu_state, fit, kept_row
 
 LIVE = (TRAIN_METRICS, TRAIN_HISTORY, TRAIN_TIME, TRAIN_ENV)  # rewritten after every epoch
 
@@ -53,10 +53,14 @@ def fingerprint(params: Params, meta: dict) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
-def metrics_files(history: list[dict], epoch_seconds: list[float], n_train: int, env: dict) -> dict:
-    """{path: bytes} of the metrics after the epochs in `history`."""
-    total = sum(epoch_seconds)
-    return {TRAIN_METRICS: json_bytes({"epochs": len(history), **{k: v for k, v in history[-1].items() if k != "epoch"}}),
+def metrics_files(history: list[dict], epoch_seconds: list[float], n_train: int, env: dict, keep: str,
+                  stopped: bool) -> dict:
+    """{path: bytes} of the metrics after the epochs in `history`: train.json holds the epochs trained,
+    whether train.patience stopped them, and the kept epoch (train.keep) with its metrics."""
+    total, kept = sum(epoch_seconds), kept_row(history, keep)
+    summary = {"epochs": len(history), "stopped_early": stopped, "kept_epoch": kept["epoch"],
+               **{k: v for k, v in kept.items() if k != "epoch"}}
+    return {TRAIN_METRICS: json_bytes(summary),
             TRAIN_HISTORY: csv_bytes(history),
             TRAIN_TIME: json_bytes({"seconds": round(total, 2),
                                     "images_per_s": round(n_train * len(epoch_seconds) / total, 1)}),
@@ -123,12 +127,15 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device, 
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    final = ModelFile(config=last.checkpoint["model"], epoch=last.row["epoch"], state_dict=cpu_state(last.model),
+    kept = kept_row(last.checkpoint["history"], params.train.keep)
+    weights = last.checkpoint["best_state"] if params.train.keep == "best" else cpu_state(last.model)
+    final = ModelFile(config=last.checkpoint["model"], epoch=kept["epoch"], state_dict=weights,
                       classes=meta["classes"], normalization={"mean": meta["mean"], "std": meta["std"]},
-                      input=meta["input"], params=params.model_dump(), dataset=meta["dataset"], val_metrics=last.row)
+                      input=meta["input"], params=params.model_dump(), dataset=meta["dataset"], val_metrics=kept)
     write_files({MODEL: final.to_bytes(), RUN_FILE: json_bytes(tracker.record()),
                  CHECKPOINT: (state / CHECKPOINT.name).read_bytes(),
-                 **metrics_files(last.checkpoint["history"], seconds, last.images, env)})
+                 **metrics_files(last.checkpoint["history"], seconds, last.images, env, params.train.keep, last.stopped)})
+    tracker.log_metrics({"kept_epoch": kept["epoch"]}, step=last.row["epoch"])
     with replaced_dir(LOG_DIR) as staging:
         shutil.copytree(state / LOG_DIR.name, staging, dirs_exist_ok=True)
     shutil.rmtree(state, ignore_errors=True)
@@ -136,7 +143,8 @@ def train_stage(params: Params, meta: dict, group: Group, device: torch.device, 
         tracker.log_artifact(path, "metrics")
     tracker.log_artifact(LOG_DIR, "tensorboard")
     tracker.finish()
-    print(f"wrote {MODEL} (val accuracy {last.row['val_accuracy']:.4f}), {TRAIN_METRICS}, logs in {LOG_DIR}/"
+    print(f"wrote {MODEL} (epoch {kept['epoch']}, the {params.train.keep}: val accuracy {kept['val_accuracy']:.4f}), "
+          f"{TRAIN_METRICS}, logs in {LOG_DIR}/"
           + (f"; MLflow run {tracker.run_id}" if tracker.run_id else ""))
 
 
@@ -165,7 +173,10 @@ def record_epochs(epochs, params: Params, meta: dict, data: dict, device: torch.
         save_checkpoint({**epoch.checkpoint, "fingerprint": expect, "mlflow_run_id": tracker.run_id},
                         state / CHECKPOINT.name)
         seconds.append(epoch.seconds)
-        write_files(metrics_files(epoch.checkpoint["history"], seconds, epoch.images, env))
+        write_files(metrics_files(epoch.checkpoint["history"], seconds, epoch.images, env, params.train.keep,
+                                  epoch.stopped))
+        if epoch.stopped:
+            print(f"stopping early: no better validation accuracy in {params.train.patience} epochs", flush=True)
     if resume is None:
         with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
             warnings.simplefilter("ignore", FutureWarning)

@@ -66,7 +66,7 @@ class ModelFile:
     input: dict           # {"channels", "size": the data set's H×W, "pad_to": the net's H×W, "resize"}
     params: dict = field(default_factory=dict)       # params.yaml as trained
     dataset: str = ""
-    val_metrics: dict = field(default_factory=dict)  # the last epoch's validation row
+    val_metrics: dict = field(default_factory=dict)  # the kept epoch's validation row (train.keep)
 
     def to_bytes(self) -> bytes:
         content = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -122,7 +122,8 @@ def save_checkpoint(ckpt: dict, path: Path = CHECKPOINT) -> None:
 
 def load_checkpoint(path: Path, fingerprint: str, epochs: int, say=print) -> dict | None:
     """The checkpoint to resume from: None (with the reason said) when there is none, it is unreadable,
-    it was made with other settings or data (`fingerprint`), or it already has `epochs` epochs."""
+    it was made with other settings or data (`fingerprint`), it already has `epochs` epochs, or it stopped
+    early (train.patience)."""
     if not path.exists():
         return None
     try:
@@ -133,8 +134,9 @@ def load_checkpoint(path: Path, fingerprint: str, epochs: int, say=print) -> dic
     if ckpt.get("fingerprint") != fingerprint:
         say(f"{path} was trained with other settings or data: starting over")
         return None
-    if ckpt["epoch"] >= epochs:
-        say(f"{path} already has {ckpt['epoch']} epochs (asked for {epochs}): starting over")
+    if ckpt["epoch"] >= epochs or ckpt.get("stopped"):
+        done = "stopped early after epoch" if ckpt.get("stopped") else "already has"
+        say(f"{path} {done} {ckpt['epoch']} epochs (asked for {epochs}): starting over")
         return None
     say(f"resuming from {path} after epoch {ckpt['epoch']}")
     return ckpt

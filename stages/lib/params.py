@@ -93,6 +93,15 @@ class Train(Section):
     augment_crop: int = Field(ge=0, le=MAX_SIDE)
     augment_flip: bool
     train_on_val: bool
+    keep: Literal["best", "last"]
+    patience: int = Field(ge=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _keep_best_needs_unseen_validation(self):
+        if self.keep == "best" and self.train_on_val:
+            raise ValueError("train.keep: best picks the epoch by validation accuracy, but train.train_on_val trains "
+                             "on the validation images; set train.keep: last")
+        return self
 
 
 class Evaluate(Section):

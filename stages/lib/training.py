@@ -1,5 +1,5 @@
 """The training loop, read top to bottom in `fit`, and the choices around it: the learning-rate schedule,
-the weight average, and inference over a loader (`logits_of`).
+the weight average, the epoch kept (`kept_row`) and inference over a loader (`logits_of`).
 
 `fit` is a generator: it yields an `Epoch` after every epoch (its metrics row, the resume checkpoint,
 the model to validate and export). The train stage writes its outputs from those; the benchmark times
@@ -109,6 +109,16 @@ def validation_metrics(model: nn.Module, loader: BatchLoader, group: Group) -> d
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
+def best_row(history: list[dict]) -> dict:
+    """The epoch with the highest validation accuracy; a lower validation loss breaks a tie, then the earlier."""
+    return max(history, key=lambda row: (row["val_accuracy"], -row["val_loss"]))
+
+
+def kept_row(history: list[dict], keep: str) -> dict:
+    """The epoch whose weights the model file holds: train.keep = best (best_row) or last."""
+    return best_row(history) if keep == "best" else history[-1]
+
+
 def cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
@@ -120,8 +130,10 @@ class Epoch:
     seconds: float                  # training time of this epoch (validation not included)
     images: int                     # training images per epoch
     losses: list[tuple[int, float]]  # (SGD step, loss) every train.log_every steps, for TensorBoard
-    checkpoint: dict                # the resume state after this epoch (stages/lib/modelfile.py)
-    model: nn.Module                # what validation, evaluate and export use: the weight average when train.ema is on
+    checkpoint: dict                # the resume state after this epoch (stages/lib/modelfile.py); with train.keep
+                                    # best, "best_state" holds the weights of the best epoch so far
+    model: nn.Module                # what is validated: the weight average when train.ema is on
+    stopped: bool                   # train.patience epochs without a better epoch: the last one fit yields
 
 
 @dataclass
@@ -178,12 +190,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def fit(params, meta: dict, data: dict, device: torch.device, resume: dict | None = None,
         group: Group = SINGLE) -> Iterator[Epoch]:
     """Train the configured model on data = {"train": (images, labels), "val": (...)}, from scratch or from
-    a `resume` checkpoint, yielding an Epoch after each epoch. In a process group (stages.lib.distributed)
-    every rank runs fit with the same arguments and gets the same rows."""
+    a `resume` checkpoint, yielding an Epoch after each epoch, and stopping early after train.patience
+    epochs without a better one (best_row). In a process group (stages.lib.distributed) every rank runs
+    fit with the same arguments and gets the same rows."""
     train = params.train
     run = setup(params, meta, data, device, resume, group)
     final_model = run.average.model if run.average else run.model
     history, start_epoch = (list(resume["history"]), resume["epoch"]) if resume else ([], 0)
+    best_state = resume.get("best_state") if resume else None
     loss_fn, bf16 = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing), use_bf16(train.precision, device)
     total_steps, step = train.epochs * len(run.loader), start_epoch * len(run.loader)
     set_lr(run.optimizer, learning_rate(step, total_steps, train.lr, train.schedule, train.warmup))
@@ -214,7 +228,14 @@ def fit(params, meta: dict, data: dict, device: torch.device, resume: dict | Non
             val = validation_metrics(final_model, run.val_loader, group)
         history.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
                         "val_accuracy": round(val["accuracy"], 6)})
+        best = best_row(history)
+        if train.keep == "best" and best is history[-1]:
+            best_state = cpu_state(final_model)
+        stopped = bool(train.patience) and epoch - best["epoch"] >= train.patience
         checkpoint = {"format": FORMAT, "model": run.config, "state_dict": cpu_state(run.model), "epoch": epoch,
                       "history": list(history), "optimizer": run.optimizer.state_dict(), **run.loader.state_dict(),
-                      "torch_rng": torch.get_rng_state(), **({"average": run.average.state_dict()} if run.average else {})}
-        yield Epoch(history[-1], seconds, len(run.loader.labels), losses, checkpoint, final_model)
+                      "torch_rng": torch.get_rng_state(), **({"average": run.average.state_dict()} if run.average else {}),
+                      **({"best_state": best_state} if train.keep == "best" else {}), "stopped": stopped}
+        yield Epoch(history[-1], seconds, len(run.loader.labels), losses, checkpoint, final_model, stopped)
+        if stopped:
+            return
