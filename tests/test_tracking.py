@@ -197,7 +197,8 @@ def test_exp_show_reads_at_a_glance(exp_repo):
             for path, content in rev["data"]["metrics"].items():
                 assert "data" in content, (rev["name"], path, content)
                 metrics |= {f"{path}:{key}" for key in content["data"]}
-    assert metrics == {"metrics/train.json:" + k for k in ("epochs", "train_loss", "val_loss", "val_accuracy")} | {
+    assert metrics == {"metrics/train.json:" + k for k in ("epochs", "stopped_early", "kept_epoch", "train_loss",
+                                                           "val_loss", "val_accuracy")} | {
         "metrics/train_time.json:seconds", "metrics/train_time.json:images_per_s",
         "metrics/eval.json:test_accuracy", "metrics/eval.json:test_loss"}
     table = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=exp_repo, capture_output=True,
