@@ -6,7 +6,8 @@
 # make reproduce — rebuild everything from scratch and compare with the committed run
 # make plots — the plots, offline: dvc_plots/index.html (dvc plots show) and dvc_plots/offline/ (SVG, PNG and a
 #              page without scripts); REVS="HEAD fast-recipe" compares revisions or experiments
-# make screenshots — pictures of the MLflow runs view and of the plots for the README (needs chromium)
+# make screenshots — pictures of the MLflow runs view and of the plots for docs/images/ (needs chromium)
+# make docs — rewrite the figures in README.md and docs/ from the results files (metrics/, benchmarks/results/)
 # make serve — the newest registered version of the model over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
 # make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
 # make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read; PROMOTER=1: may move @champion)
@@ -28,7 +29,7 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: help run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check
+.PHONY: help run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check docs
 
 help:
 	@sed -n 's/^# make /make /p; s/^#              /               /p' $(firstword $(MAKEFILE_LIST))
@@ -74,11 +75,11 @@ bench-serve: setup
 
 # The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace: each of its lines one
 # `-S key=value`, DVC's own params override (docs/libraries.md: why not Hydra composition); FAST_EPOCHS=24
-# trains longer (the 94% recipe on a GPU, README: On a GPU).
+# trains longer (the 94% recipe on a GPU, docs/benchmarks.md).
 fast-recipe: setup
 	dvc exp run -f -n fast-recipe $$($(PY) benchmarks/bench.py --print-recipe $(if $(FAST_EPOCHS),--fast-epochs $(FAST_EPOCHS)))
 
-# Rebuild every stage from scratch and show what differs from the committed run (README: Reproducing a run).
+# Rebuild every stage from scratch and show what differs from the committed run (docs/reproducibility.md).
 reproduce: setup
 	$(PY) -m tools.check
 	dvc repro --force
@@ -100,9 +101,14 @@ plots: setup $(PLOTS_TEMPLATE)
 	dvc plots $(if $(REVS),diff $(REVS),show)
 	$(PY) tools/offline_plots.py --render dvc_plots/offline $(REVS)
 
-# The README's pictures, from this checkout's runs: MLflow's runs view and dvc plots diff of the experiments.
+# The docs' pictures, from this checkout's runs: MLflow's runs view and dvc plots diff of the experiments.
 screenshots: setup $(PLOTS_TEMPLATE)
 	$(PY) tools/screenshots.py $(REVS)
+
+# Every figure in README.md and docs/*.md is a marked region written from its results file; tests/test_docs.py
+# fails when one differs. Run after make run, make bench or make bench-serve.
+docs:
+	$(PY) -m tools.docs_numbers
 
 # The venv holds exactly uv.lock (docs/install.md): uv sync --locked stops if pyproject.toml and the lock
 # disagree, installs the locked versions, removes anything else, and installs the project editable.
