@@ -128,14 +128,14 @@ def bench_module():
     return module
 
 
-def test_readme_states_the_fast_recipe_exactly_as_the_preset(tmp_path):
-    """The `dvc exp run` line in README and `make fast-recipe` must be the recipe the benchmark measures:
-    README's -S flags, applied to params.yaml by the function `dvc exp run -S` calls, give exactly the
+def test_docs_state_the_fast_recipe_exactly_as_the_preset(tmp_path):
+    """The `dvc exp run` line in docs/benchmarks.md and `make fast-recipe` must be the recipe the benchmark
+    measures: its -S flags, applied to params.yaml by the function `dvc exp run -S` calls, give exactly the
     params bench.py trains route fast with, and leave params.yaml's comments in place."""
     from dvc.utils.hydra import apply_overrides
 
-    readme = (REPO / "README.md").read_text()
-    line = next(line for line in readme.splitlines() if line.startswith("dvc exp run -n fast-recipe"))
+    page = (REPO / "docs/benchmarks.md").read_text()
+    line = next(line for line in page.splitlines() if line.startswith("dvc exp run -n fast-recipe"))
     printed = subprocess.run([sys.executable, BENCH, "--print-recipe"], capture_output=True, text=True, check=True)
     assert printed.stdout.strip() == line.split(" ", 5)[5]
     longer = subprocess.run([sys.executable, BENCH, "--print-recipe", "--fast-epochs", "24"], capture_output=True,
