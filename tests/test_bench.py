@@ -185,3 +185,46 @@ def test_every_recipe_is_valid_params(name):
     params = bench.project_params(route, None, 0, "cpu")
     recipe = bench.preset(route)
     assert {k: params.flat()[k] for k in recipe} == recipe
+
+
+def test_the_recipe_is_chosen_by_machine_kind_and_results_go_to_its_folder(tmp_path, monkeypatch):
+    """A machine kind (native bf16 or not, cores) picks <recipe>.<kind>.yaml where one exists, else the
+    recipe; --print-recipe names the file it chose; the report's machine line has the CPU's flags."""
+    bench = bench_module()
+    kind = bench.machine_kind()
+    assert kind.startswith("cpu-bf16-" if bench.native_bf16() else "cpu-") and kind.endswith("core")
+    monkeypatch.setattr(bench, "RECIPES", tmp_path)
+    (tmp_path / "fast_recipe.yaml").write_text("train.epochs: 9\n")
+    assert bench.recipe_file("fast", "cpu-avx2-2core") == tmp_path / "fast_recipe.yaml"
+    (tmp_path / "fast_recipe.cpu-avx2-2core.yaml").write_text("train.epochs: 5\n")
+    assert bench.recipe_file("fast", "cpu-avx2-2core") == tmp_path / "fast_recipe.cpu-avx2-2core.yaml"
+    assert bench.preset("fast", "cpu-avx2-2core") == {"train.epochs": 5}
+    assert bench.preset("fast", "cpu-bf16-2core") == {"train.epochs": 9}
+    printed = subprocess.run([sys.executable, BENCH, "--print-recipe"], capture_output=True, text=True, check=True)
+    assert f"(kind {kind}, flags " in printed.stderr and "benchmarks/fast_recipe" in printed.stderr
+
+
+def summary_of(route, accuracies, elapsed, cpu=None, reach=None):
+    bench = bench_module()
+    out = {"route": route, "test_accuracy": bench.spread(accuracies), "elapsed_seconds": bench.spread(elapsed),
+           "seconds_to_reach": {"0.8680": None if reach is None else bench.spread(reach)}}
+    if cpu:
+        out["cpu_seconds"] = bench.spread(cpu)
+    return out
+
+
+def test_every_goal_is_printed_against_its_figure_met_or_missed():
+    bench = bench_module()
+    by_route = {"reference": summary_of("reference", [0.868, 0.868], [480, 484], cpu=[900, 900]),
+                "fast-short": summary_of("fast-short", [0.88, 0.88], [14, 15], reach=[14, 15]),
+                "fast": summary_of("fast", [0.9415, 0.9385], [230, 250], cpu=[470, 470]),
+                "stretch": summary_of("stretch", [0.949, 0.95], [900, 1000])}
+    checks = bench.checks_for(by_route, 0.868)
+    assert checks["fast: test accuracy, mean of the seeds"].endswith("(target ≥ 94.00%): met")
+    assert checks["fast: test accuracy, worst seed"] == "93.85% (target ≥ 93.80%): met"
+    assert checks["fast: elapsed / reference elapsed"].endswith("target ≤ 0.5): met")
+    assert checks["fast: CPU seconds / reference CPU seconds"].startswith("0.52 ") \
+        and checks["fast: CPU seconds / reference CPU seconds"].endswith(": MISSED")
+    assert checks["fast-short: time to the reference's mean final accuracy (86.80%) / reference elapsed"].endswith(": met")
+    assert checks["stretch: test accuracy, mean of the seeds"] == "94.95% (target ≥ 95.00%): MISSED"
+    assert checks["stretch: elapsed / reference elapsed"].endswith("target ≤ 2.0): met")
