@@ -15,6 +15,11 @@
 # make bench-serve — the served model's latency, throughput and memory (benchmarks/results/serving.md)
 # make tensorboard — TensorBoard on logs/; make ui — the MLflow UI on this project's runs (127.0.0.1:$(UI_PORT))
 # make setup — only the venv (exactly uv.lock) and the data mirror (make data-mirror); make clean-venv — remove the venv
+# make sweep GRID="train.lr=0.01,0.02" SEEDS=3 — every setting × seed as a named DVC experiment, queued and run
+#              JOBS=1 at a time (SET="train.epochs=2": params for all), then make compare (docs/experiments.md)
+# make compare — experiments grouped by params, seed aside: n, mean ± sd, worst seed, verdict against the committed
+#              params (BASELINE=exp-name picks another); reports/compare.md and MLflow's group/ metrics
+# make flips A=exp-a B=exp-b — the test images two experiments classify differently: counts and reports/flips-A-vs-B.html
 # make help — this list
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -29,7 +34,7 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: help run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check docs
+.PHONY: help run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check docs sweep compare flips
 
 help:
 	@sed -n 's/^# make /make /p; s/^#              /               /p' $(firstword $(MAKEFILE_LIST))
@@ -109,6 +114,26 @@ screenshots: setup $(PLOTS_TEMPLATE)
 # fails when one differs. Run after make run, make bench or make bench-serve.
 docs:
 	$(PY) -m tools.docs_numbers
+
+# Sweeps, verdicts and flips (docs/experiments.md). Values reach the shell through the environment, unexpanded.
+sweep compare flips: export EXP_GRID = $(value GRID)
+sweep compare flips: export EXP_SET = $(value SET)
+sweep compare flips: export EXP_BASELINE = $(value BASELINE)
+sweep compare flips: export EXP_A = $(value A)
+sweep compare flips: export EXP_B = $(value B)
+SEEDS ?= 3
+JOBS ?= 1
+sweep: setup
+	@test -n "$$EXP_GRID" || { echo 'error: name the grid: make sweep GRID="train.lr=0.01,0.02,0.05" [SEEDS=3] [JOBS=2] [SET="train.epochs=2"]' >&2; exit 2; }
+	dvc repro download
+	$(PY) -m tools.sweep --grid="$$EXP_GRID" --seeds=$(SEEDS) --jobs=$(JOBS) --set="$$EXP_SET"$(if $(FORCE), --force)
+
+compare: setup
+	$(PY) -m tools.compare --baseline="$$EXP_BASELINE"
+
+flips: setup
+	@test -n "$$EXP_A" -a -n "$$EXP_B" || { echo 'error: name two experiments: make flips A=exp-a B=exp-b' >&2; exit 2; }
+	$(PY) -m tools.flips "$$EXP_A" "$$EXP_B"
 
 # The venv holds exactly uv.lock (docs/install.md): uv sync --locked stops if pyproject.toml and the lock
 # disagree, installs the locked versions, removes anything else, and installs the project editable.
