@@ -80,36 +80,42 @@ def dvc(*args: str, check: bool = True) -> str:
     return result.stdout
 
 
-def queue_status() -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed | ...} from `dvc queue status`."""
+def queue_status() -> dict[str, tuple[str, str]]:
+    """{task id: (experiment name, Queued | Running | Success | Failed | ...)} from `dvc queue status`
+    (a name can appear twice: a failed run and its requeued namesake)."""
     status = {}
     for line in dvc("queue", "status", check=False).splitlines()[1:]:
         fields = line.split()
         if len(fields) >= 3 and fields[-1][:1].isupper():
-            status[fields[1]] = fields[-1]
+            status[fields[0]] = (fields[1], fields[-1])
     return status
 
 
 def existing(names: list[str]) -> list[str]:
-    listed = set(dvc("exp", "list", "--name-only", check=False).split()) | set(queue_status())
+    waiting = {name for name, state in queue_status().values() if state in ("Queued", "Running")}
+    listed = set(dvc("exp", "list", "--name-only", check=False).split()) | waiting
     return [name for name in names if name in listed]
 
 
-def wait(names: list[str], jobs: int) -> dict[str, str]:
+def wait(tasks: dict[str, str], jobs: int) -> dict[str, str]:
+    """Start the queue and poll it until the `tasks` ({task id: name}) are done; {name: final state}."""
     # Started without pipes: the workers inherit its stdout and a pipe would wait for the whole queue.
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started, shown = time.monotonic(), ""
     while True:
         status = queue_status()
-        mine = {name: status.get(name, "Queued") for name in names}
+        mine = {name: status.get(task, (name, "Queued"))[1] for task, name in tasks.items()}
         done = sum(s not in ("Queued", "Running") for s in mine.values())
-        line = f"{done}/{len(names)} done, {sum(s == 'Running' for s in mine.values())} running"
+        line = f"{done}/{len(tasks)} done, {sum(s == 'Running' for s in mine.values())} running"
         if line != shown:
             print(f"[{time.monotonic() - started:5.0f} s] {line}", flush=True)
             shown = line
-        if done == len(names):
+        if done == len(tasks):
             return mine
+        if "Running" not in mine.values() and not re.search(r"Worker status: [1-9]", dvc("queue", "status", check=False)):
+            # a worker that got an earlier `dvc queue stop` quits after its task: start them again
+            subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(POLL_S)
 
 
@@ -138,6 +144,7 @@ def main(args) -> None:
     if not args.force and (taken := existing([name for name, _ in runs])):
         raise PipelineError(f"experiments {', '.join(taken)} exist already: --force (make sweep FORCE=1) replaces them, "
                             "`dvc exp remove NAME` removes one, --prefix names a new set")
+    before = set(queue_status())
     for name, overrides in runs:
         dvc("exp", "run", "--queue", "-n", name, *(["-f"] if args.force else []),
             *[arg for o in overrides for arg in ("-S", o)], *([args.target] if args.target else []))
@@ -146,7 +153,9 @@ def main(args) -> None:
         subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return
-    status = wait([name for name, _ in runs], args.jobs)
+    names = {name for name, _ in runs}
+    tasks = {task: name for task, (name, _) in queue_status().items() if task not in before and name in names}
+    status = wait(tasks, args.jobs)
     failed = [name for name, s in status.items() if s != "Success"]
     print()
     from tools.compare import compare
