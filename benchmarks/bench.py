@@ -493,6 +493,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=seed_list, default=seed_list("3"),
                         help="N: seeds 0..N-1 for every route; or a list such as 3,4")
+    parser.add_argument("--reference-seeds", type=seed_list, default=None,
+                        help="the reference route's seeds when they differ from --seeds (e.g. 1 on a busy machine: "
+                             "its time is the ratios' denominator, its accuracy the short recipe's target)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the reference and project routes")
     parser.add_argument("--fast-epochs", type=int, default=None, help="epochs of the fast recipe (default: its preset)")
@@ -572,8 +575,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # --interleave: seed by seed (reference 0, fast 0, reference 1, ...), so that a load that comes and goes
     # on a shared machine falls on every route alike; the default runs route by route
-    order = ([(r, s) for s in args.seeds for r in routes] if args.interleave else
-             [(r, s) for r in routes for s in args.seeds])
+    seeds_of = {r: args.reference_seeds if r == "reference" and args.reference_seeds is not None else args.seeds
+                for r in routes}
+    every_seed = sorted(set().union(*seeds_of.values()))
+    order = ([(r, s) for s in every_seed for r in routes if s in seeds_of[r]] if args.interleave else
+             [(r, s) for r in routes for s in seeds_of[r]])
     for route, seed in order:
         print(f"running {route} seed {seed} ...", flush=True)
         forwarded = ("epochs", "fast_epochs", "fast_short_epochs", "limit", "test_limit", "raw", "threads", "device",
