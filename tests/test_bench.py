@@ -228,3 +228,31 @@ def test_every_goal_is_printed_against_its_figure_met_or_missed():
     assert checks["fast-short: time to the reference's mean final accuracy (86.80%) / reference elapsed"].endswith(": met")
     assert checks["stretch: test accuracy, mean of the seeds"] == "94.95% (target ≥ 95.00%): MISSED"
     assert checks["stretch: elapsed / reference elapsed"].endswith("target ≤ 2.0): met")
+    gpu_goals = [v for k, v in checks.items() if k.startswith("GPU")]
+    assert gpu_goals == ["unmeasured (no GPU in this run: make bench DEVICE=cuda on one)"]
+    del by_route["stretch"]
+    by_route["fast"]["images_per_s"] = bench.spread([160_000, 150_000])
+    by_route["fast"]["seconds_to_reach"]["0.9400"] = bench.spread([4.0, 5.5])
+    checks = bench.checks_for(by_route, 0.868, gpu=True)
+    assert checks["stretch: ≥ 95.00% in ≤ 2× the reference's time"].startswith("not run")
+    assert checks["GPU: fast images/s"] == "155,000 (target ≥ 150,000): met"
+    assert checks["GPU: fast, elapsed to 94.00% test accuracy"] == "4.8 s (worst seed 5.5 s; target ≤ 5 s): MISSED"
+
+
+def test_rewrite_report_recomputes_the_checks_from_the_saved_runs(tmp_path):
+    def run(route, seed, accuracy, seconds):
+        return {"route": route, "seed": seed, "peak_rss_mb": 500.0, "epochs": [
+            {"epoch": 1, "train_seconds": seconds * 0.9, "elapsed_seconds": seconds, "cpu_seconds": seconds * 2,
+             "test_accuracy": accuracy, "images": 1000}]}
+
+    raw = {"reference": [run("reference", 0, 0.86, 100.0)],
+           "fast": [run("fast", 0, 0.941, 40.0), run("fast", 1, 0.939, 45.0)]}
+    (tmp_path / "results.json").write_text(json.dumps({"machine": "a CPU, 2 cores, 2 threads, device cpu",
+                                                       "notes": [], "checks": {}, "raw": raw}))
+    result = bench("--rewrite-report", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["raw"] == raw and report["machine"] == "a CPU, 2 cores, 2 threads, device cpu"
+    assert report["checks"]["fast: test accuracy, mean of the seeds"] == "94.00% (target ≥ 94.00%): met"
+    assert report["checks"]["fast: elapsed / reference elapsed"].startswith("0.42 ")
+    assert "| fast | 2 | 1 |" in (tmp_path / "results.md").read_text() and "Checks:" in result.stdout
