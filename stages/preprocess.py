@@ -2,8 +2,8 @@
 
 Writes train.pt / val.pt / test.pt ({"images": uint8 N×C×H×W, "labels": int64 N}) and meta.json, the
 data card (class names, per-channel mean/std of the training split, shapes, input format, sha256 of
-each split, unreadable files skipped). The validation split is carved from train with a seeded
-permutation; output bytes are identical across runs and machines.
+each split, unreadable files skipped). The validation split is carved from train with a permutation
+seeded by preprocess.split_seed; output bytes are identical across runs and machines.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def main(args) -> None:
     params = load_params(choices={"data.dataset": DATASETS})
     dataset = DATASETS[params.data.dataset]
     raw = dataset.read(RAW_DIR / dataset.name, params.preprocess)
-    splits, meta = prepare(raw, params.preprocess, params.seed)
+    splits, meta = prepare(raw, params.preprocess, params.preprocess.split_seed)
     meta["dataset"] = dataset.name
     meta["skipped_files"] = {"count": len(raw.skipped), "first": raw.skipped[:20]}
     inputs.verify()

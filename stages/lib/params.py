@@ -61,6 +61,7 @@ class Preprocess(Section):
     image_size: int = Field(ge=8, le=MAX_SIDE)
     max_train: int = Field(ge=0, le=BIG)
     max_test: int = Field(ge=0, le=BIG)
+    split_seed: int = Field(ge=0, le=2**32 - 1)
 
 
 class Model(Section):
