@@ -8,7 +8,10 @@
 #              page without scripts); REVS="HEAD fast-recipe" compares revisions or experiments
 # make screenshots — pictures of the MLflow runs view and of the plots for docs/images/ (needs chromium)
 # make docs — rewrite the figures in README.md and docs/ from the results files (metrics/, benchmarks/results/)
-# make serve — the newest registered version of the model over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
+# make serve — the champion (models:/tudui-classifier@champion) over HTTP on 127.0.0.1:$(SERVE_PORT) (Ctrl-C stops it)
+# make promote EXP=name — check an experiment against the champion (data, accuracy beyond seed noise, ONNX, latency),
+#              then make it the champion in MLflow and GTO; EXP=models:/tudui-classifier/N rolls back (docs/serving.md)
+# make champion — the champion and the best challenger of the last sweep side by side, from MLflow and GTO
 # make mlflow-server — a shared MLflow tracking server with logins, on PostgreSQL (Ctrl-C stops it)
 # make mlflow-user NAME=alice — a teammate's login on that server (READ_ONLY=1: may only read; PROMOTER=1: may move @champion)
 # make lock — re-resolve uv.lock after editing pyproject.toml's dependencies; make lock-check: do they agree?
@@ -34,7 +37,7 @@ SERVE_PORT ?= 5002
 MODEL_URI ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: help run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve clean-venv lock lock-check docs sweep compare flips
+.PHONY: help run test test-fast bench bench-serve fast-recipe reproduce plots screenshots setup data-mirror tensorboard ui mlflow-server mlflow-user serve promote champion clean-venv lock lock-check docs sweep compare flips
 
 help:
 	@sed -n 's/^# make /make /p; s/^#              /               /p' $(firstword $(MAKEFILE_LIST))
@@ -63,11 +66,8 @@ FAST_TESTS := tests/test_params.py tests/test_stage_deps.py tests/test_engine.py
 test-fast: setup
 	$(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS)
 
-# The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run, into
-# benchmarks/results/<machine kind>/ (cpu-bf16-2core, cpu-avx2-2core, gpu-h200: each kind keeps its own), every
-# goal printed against its figure, met or MISSED; DEVICE=cuda runs every route on the GPU and adds the CIFAR-10
-# route (data.mirrors); BENCH_ARGS="--seeds 1 --epochs 2" shortens it, "--interleave" runs seed by seed across
-# the routes (on a shared machine a passing load then slows every route alike).
+# The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run; DEVICE=cuda runs every
+# route on the GPU and adds the CIFAR-10 route (data.mirrors); BENCH_ARGS="--seeds 1 --epochs 2" shortens it.
 DEVICE ?= auto
 bench: setup
 	dvc repro download
@@ -81,9 +81,7 @@ bench-serve: setup
 	dvc repro export
 	$(PY) benchmarks/serve_bench.py $(SERVE_BENCH_ARGS)
 
-# The fast recipe for this machine kind as a DVC experiment in the workspace (benchmarks/fast_recipe.yaml, or
-# fast_recipe.<kind>.yaml where another was measured best on that kind; the line before the run names the file
-# and the CPU flags it was chosen by): each of its lines one
+# The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace: each of its lines one
 # `-S key=value`, DVC's own params override (docs/libraries.md: why not Hydra composition); FAST_EPOCHS=24
 # trains longer (the 94% recipe on a GPU, docs/benchmarks.md).
 fast-recipe: setup
@@ -195,10 +193,19 @@ mlflow-user: setup
 	$(PY) tools/mlflow_server.py --add-user="$$MLFLOW_NEW_USER" --host="$$MLFLOW_SERVER_HOST" --port="$$MLFLOW_SERVER_PORT" $(if $(value READ_ONLY),--read-only) $(if $(value PROMOTER),--promoter)
 
 # The classifier over HTTP: MLflow's scoring app under uvicorn in this venv (offline), with params.yaml's serve:
-# limits, of tracking.registered_model's newest version, or MODEL_URI (e.g. models:/tudui-classifier@champion).
-# SIGTERM or Ctrl-C stops it within serve.shutdown_s (+ 10 s at most). README: Serving the model.
+# limits, of tracking.registered_model's @champion (make promote), or MODEL_URI (e.g. models:/tudui-classifier/3).
+# SIGTERM or Ctrl-C stops it within serve.shutdown_s (+ 10 s at most). docs/serving.md.
 serve: setup
 	$(PY) -m tools.serve --port $(SERVE_PORT)$(if $(MODEL_URI), --model-uri '$(MODEL_URI)')
+
+# The values reach the command through the environment, unexpanded ($(value)): a name is never shell code.
+# NEW_DATA=1 accepts a data change, WITHIN_NOISE=1 an accuracy within seed noise of the champion's.
+promote: export PROMOTE_EXP = $(value EXP)
+promote: setup
+	$(PY) -m tools.promote "$$PROMOTE_EXP" $(if $(value NEW_DATA),--new-data) $(if $(value WITHIN_NOISE),--within-noise)
+
+champion: setup
+	$(PY) -m tools.champion
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,8 +5,8 @@ Writes models/export/state_dict.pt (the tutorial's "method 2": weights only, loa
 uint8 N×C×H×W at its native size; padding, normalization and flip TTA inside the graph; `logits` and
 `probabilities` out; checked with onnxruntime against PyTorch on real test images), models/export/
 MODEL_CARD.md and metrics/export.json. Then, when tracking is on, logs the served model (a pyfunc over
-image files running model.onnx, stages/lib/tracking/pyfunc.py) to the training's MLflow run and registers it as
-a new version of tracking.registered_model.
+image files running model.onnx, stages/lib/tracking/pyfunc.py) to the training's MLflow run, with the card and
+export.json; it registers nothing: `make promote` makes a run's model a registered version, the champion.
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def usage_section(ckpt: ModelFile, invert: str) -> str:
     c, (ph, pw) = ckpt.input["channels"], ckpt.input["pad_to"]
     return f"""## Serving it
 Each export with tracking on logs an MLflow model (a pyfunc over image files running `model.onnx`) to the
-training's MLflow run and registers it as a new version of `tracking.registered_model`. `make serve`
-serves the newest version on http://127.0.0.1:5002 (`SERVE_PORT`; `MODEL_URI` picks another model).
+training's MLflow run. `make promote EXP=<experiment>` checks it against the champion and makes it a version
+of `tracking.registered_model` with the alias `champion`; `make serve` serves `@champion` on
+http://127.0.0.1:5002 (`SERVE_PORT`; `MODEL_URI` picks another model).
 Call it with base64-encoded image files, any format and size, in a column `image`:
 
 ```bash
@@ -174,7 +175,7 @@ def main(args) -> None:
     print(f"wrote {EXPORT_DIR}/state_dict.pt, model.onnx (uint8 {list(raw.shape[1:])} in; max abs diff "
           f"{diffs[0]:.2e} on {len(raw)} test images), MODEL_CARD.md", flush=True)
     tracker = Tracker.resume(params.tracking)
-    tracker.log_model(EXPORT_DIR / "model.onnx", model_file, raw[0], evaluation.get("test_accuracy"))
+    tracker.log_model(EXPORT_DIR / "model.onnx", model_file, raw[0])
     for path in (EXPORT_DIR / "MODEL_CARD.md", EXPORT_REPORT):
         tracker.log_artifact(path, "export")
 

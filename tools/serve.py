@@ -1,12 +1,13 @@
-"""serve — the classifier over HTTP: the newest registered version of the model (`make serve`).
+"""serve — the classifier over HTTP: the champion, models:/tudui-classifier@champion (`make serve`).
 
     python -m tools.serve [--port 5002] [--model-uri models:/tudui-classifier@champion]
 
 Loads the model in this process and serves MLflow's scoring app (mlflow.pyfunc.scoring_server: /invocations,
 /ping, /health, /version) with uvicorn on 127.0.0.1, with this venv's packages: nothing is installed or
-downloaded, so it works offline. The model is tracking.registered_model's highest version in the project's
-tracking store (model_uri() decides), unless --model-uri (MODEL_URI in make) names another. POST base64 image
-files to /invocations (README: Serving the model).
+downloaded, so it works offline. The model is tracking.registered_model's @champion in the project's tracking
+store (model_uri() decides; `make promote` moves the alias, and a restart serves the new champion), unless
+--model-uri (MODEL_URI in make) names another. Without a champion it stops with one line naming `make promote`.
+POST base64 image files to /invocations (docs/serving.md).
 
 In front of MLflow's /invocations, with the limits of params.yaml's `serve:` section:
 - a body over serve.max_body_mb is refused with HTTP 413 from its Content-Length, before it is read (or,
@@ -48,27 +49,51 @@ TRIM_FROM = MIB  # a request body of at least this many bytes: its memory is giv
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: the same stream and format as its messages
 
 
-def newest_version(uri: str, name: str) -> str:
-    """models:/<name>/<highest version> in the registry at `uri`; PipelineError when there is none."""
+def champion(uri: str, name: str) -> str:
+    """models:/<name>@champion when the registry at `uri` has that alias; else PipelineError that says how
+    to make one (never the newest version instead: that is whichever run finished last)."""
     from mlflow import MlflowClient
 
-    hint = ("run the pipeline with tracking.enabled: true (`dvc repro --force train` when it ran without; export "
-            "registers a version), or pass a model URI (MODEL_URI=...)")
+    from stages.lib.tracking.champion import ALIAS
+
+    hint = (f"make one with `make promote EXP=<experiment>` (`make champion` shows the best candidate), or serve "
+            f"a model by URI (MODEL_URI=models:/{name}/VERSION)")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():  # do not create one
-        raise PipelineError(f"no version of {name!r} is registered: {uri} does not exist yet; {hint}")
+        raise PipelineError(f"no champion to serve: {uri} does not exist yet (train with tracking.enabled: true, "
+                            f"make run); then {hint}")
     try:
-        versions = MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{name}'")
+        MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(name, ALIAS)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise PipelineError(f"cannot read the model registry at {uri}: {reason(exc.message)}") from None
+        raise PipelineError(f"no champion to serve: {name!r} has no @{ALIAS} in {uri}; {hint}") from None
     except Exception as exc:  # an unreachable server, a damaged store: say which, in one line
         raise PipelineError(f"cannot read the model registry at {uri}: {one_line(exc)}") from None
-    if not versions:
-        raise PipelineError(f"no version of {name!r} is registered in {uri}; {hint}")
-    return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    return f"models:/{name}@{ALIAS}"
 
 
 def model_uri(given: str, uri: str, name: str) -> str:
-    """What to serve: `given` (--model-uri) when set, else the default, the newest registered version of
-    `name` in the registry at `uri`. The one place that decides it."""
-    return given or newest_version(uri, name)
+    """What to serve: `given` (--model-uri, MODEL_URI in make) when set, else the champion of `name` in the
+    registry at `uri` (models:/<name>@champion, moved by `make promote`). The one place that decides it."""
+    return given or champion(uri, name)
+
+
+def describe(model: str, uri: str) -> str:
+    """" (version N: experiment E, run R)" for a models:/ URI of a registered version, else ""."""
+    if not model.startswith("models:/") or ("@" not in model and model.count("/") < 2):
+        return ""
+    try:
+        from mlflow import MlflowClient
+
+        client, path = MlflowClient(uri, registry_uri=uri), model.removeprefix("models:/")
+        if "@" in path:
+            version = client.get_model_version_by_alias(*path.split("@", 1))
+        else:
+            version = client.get_model_version(*path.split("/", 1))
+        experiment = version.tags.get("dvc_exp_name")
+        return f" (version {version.version}{f': experiment {experiment}' if experiment else ''}, run {version.run_id})"
+    except Exception:
+        return ""
 
 
 def command(model: str, port: int) -> list[str]:
@@ -374,7 +399,7 @@ def main(args) -> None:
         raise PipelineError(f"cannot load {model}: {one_line(exc)}") from None
     server = make_server(ServingApp(pyfunc, params.serve), args.port, params.serve.shutdown_s)
     limits = params.serve
-    print(f"serving {model} (store {uri}) on http://127.0.0.1:{args.port}/invocations; at most "
+    print(f"serving {model}{describe(model, uri)} (store {uri}) on http://127.0.0.1:{args.port}/invocations; at most "
           f"{limits.max_images:,} images and {limits.max_body_mb:g} MiB a request; Ctrl-C stops it", flush=True)
     server.run()
     if not server.started:  # the port was taken: uvicorn has said so

@@ -136,6 +136,7 @@ class Serve(Section):
     chunk: int = Field(ge=1, le=1 << 20)
     timeout_s: float = Field(gt=0, le=86400)
     shutdown_s: float = Field(ge=0, le=3600)
+    latency_p99_ms: float = Field(gt=0, le=600_000)
 
 
 class Params(Section):

@@ -39,6 +39,7 @@ def _configure_mlflow(timeout_s: float) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout_s))))
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no "Downloading artifacts" bars on stderr
 
 
 def _git(*args: str) -> str:
@@ -98,13 +99,6 @@ def dataset_input(meta: dict):
                       profile=json.dumps({"images": meta["counts"], "classes": len(meta["classes"]),
                                           "input_shape": meta["input_shape"]}))
     return DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", "training")])
-
-
-def version_tags(test_accuracy: float | None) -> dict:
-    """What a registered model version is: the DVC experiment that made it ("workspace" for a plain
-    `dvc repro`), the code, the prepared data and its test accuracy."""
-    return {"dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace", "git_commit": _git("rev-parse", "HEAD"),
-            "prepared_data_md5": prepared_data_md5(), "test_accuracy": str(test_accuracy)}
 
 
 SQLITE_RETRIES = 8  # about 15 s of pauses in all
@@ -283,31 +277,30 @@ class Tracker:
             log = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             self._guard(log, self.run_id, str(path), artifact_path)
 
-    def log_model(self, model_path: Path, model_file, example, test_accuracy: float | None) -> None:
+    def log_model(self, model_path: Path, model_file, example) -> None:
         """The served model (stages/lib/tracking/pyfunc.py: a pyfunc over image files running `model_path`, the
-        raw-image model.onnx) into this run, then registered as a new version of tracking.registered_model
-        with version_tags(). `example`: a real test image, uint8 C×H×W, for the input example."""
-        if self.active:
-            model_uri = self._guard(self._log_model, model_path, model_file, example)
-            if model_uri:  # guarded apart: a retried registration must not log the model twice
-                self._guard(self._register, model_uri, version_tags(test_accuracy))
+        raw-image model.onnx) into this run. Not registered: `make promote` registers a run's model when it
+        becomes the champion (stages/lib/tracking/champion.py, docs/serving.md: why). `example`: a real test
+        image, uint8 C×H×W, for the input example."""
+        if self.active and self._guard(self._log_model, model_path, model_file, example):
+            name = os.environ.get("DVC_EXP_NAME") or self.run_id
+            print(f"logged the served model to MLflow run {self.run_id}; `make promote EXP={name}` checks it against "
+                  "the champion and makes it the served model")
 
     def _log_model(self, model_path, model_file, example) -> str:
+        import logging
+
         import mlflow
 
         from stages.lib.tracking.pyfunc import model_spec, png_bytes
 
+        # MLflow's INFO lines while logging ("Validating input example against model signature"): nothing to act on
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         mlflow.set_tracking_uri(tracking_uri(self.tracking))
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(name="model", **model_spec(model_path, model_file.classes, model_file.input,
                                                                       png_bytes(example)))
         return info.model_uri
-
-    def _register(self, model_uri: str, tags: dict) -> None:
-        import mlflow
-
-        version = mlflow.register_model(model_uri, self.tracking.registered_model, tags=tags)
-        print(f"registered {version.name} version {version.version} (models:/{version.name}/{version.version})")
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
