@@ -66,8 +66,11 @@ FAST_TESTS := tests/test_params.py tests/test_stage_deps.py tests/test_engine.py
 test-fast: setup
 	$(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS)
 
-# The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run; DEVICE=cuda runs every
-# route on the GPU and adds the CIFAR-10 route (data.mirrors); BENCH_ARGS="--seeds 1 --epochs 2" shortens it.
+# The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run, into
+# benchmarks/results/<machine kind>/ (cpu-bf16-2core, cpu-avx2-2core, gpu-h200: each kind keeps its own), every
+# goal printed against its figure, met or MISSED; DEVICE=cuda runs every route on the GPU and adds the CIFAR-10
+# route (data.mirrors); BENCH_ARGS="--seeds 1 --epochs 2" shortens it, "--interleave" runs seed by seed across
+# the routes (on a shared machine a passing load then slows every route alike).
 DEVICE ?= auto
 bench: setup
 	dvc repro download
@@ -81,7 +84,9 @@ bench-serve: setup
 	dvc repro export
 	$(PY) benchmarks/serve_bench.py $(SERVE_BENCH_ARGS)
 
-# The fast recipe (benchmarks/fast_recipe.yaml) as a DVC experiment in the workspace: each of its lines one
+# The fast recipe for this machine kind as a DVC experiment in the workspace (benchmarks/fast_recipe.yaml, or
+# fast_recipe.<kind>.yaml where another was measured best on that kind; the line before the run names the file
+# and the CPU flags it was chosen by): each of its lines one
 # `-S key=value`, DVC's own params override (docs/libraries.md: why not Hydra composition); FAST_EPOCHS=24
 # trains longer (the 94% recipe on a GPU, docs/benchmarks.md).
 fast-recipe: setup
