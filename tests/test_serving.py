@@ -1,5 +1,5 @@
-"""The served model: export logs a pyfunc over image files and registers it; it loads without this
-repository; `python -m tools.serve` (what `make serve` runs) serves the newest registered version over
+"""The served model: export logs a pyfunc over image files into its run (registering nothing); it loads
+without this repository; `python -m tools.serve` (what `make serve` runs) serves the @champion version over
 HTTP, answers as `tools.predict` does, refuses bad payloads with one line and keeps serving; refuses
 requests over its limits (serve: in params.yaml) with 413 before building a DataFrame, keeps its memory
 flat over large requests, and stops within seconds on SIGTERM or Ctrl-C even mid-request."""
@@ -37,15 +37,30 @@ NAME = "tudui-classifier"  # tracking.registered_model in params.yaml
 @pytest.fixture(scope="module")
 def served(trained_project, tmp_path_factory) -> Path:
     """trained_project rerun with tracking on: train opens the MLflow run, export logs the served model to
-    it and registers version 1 in the project's sqlite store."""
+    it (and registers nothing); then the run's model becomes version 1 and @champion, as `make promote` makes
+    it (which needs a git repository for GTO: tests/test_champion.py)."""
+    from mlflow import MlflowClient
+
     folder = tmp_path_factory.mktemp("served") / "project"
     shutil.copytree(trained_project, folder)
     write_params(folder, {"tracking": {"enabled": True, "uri": ""}})
     for stage in ("train", "evaluate", "export"):
         result = run_stage(folder, stage)
         assert result.returncode == 0, f"{stage}: {result.stderr}"
-        assert "warning: MLflow" not in result.stderr and "WARNING" not in result.stderr, result.stderr  # none a user cannot act on
-    assert f"registered {NAME} version 1 (models:/{NAME}/1)" in result.stdout
+        # no warning a user cannot act on (such as MLflow's "Failed to log model config as params"), no progress bars
+        assert "warning: MLflow" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+    assert "Downloading artifacts" not in result.stderr and " INFO " not in result.stderr, result.stderr  # export's
+    run_id = json.loads((folder / "models/mlflow_run.json").read_text())["run_id"]
+    assert f"logged the served model to MLflow run {run_id}; `make promote EXP={run_id}`" in result.stdout
+    assert "registered" not in result.stdout
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    assert client.search_model_versions(f"name = '{NAME}'") == []
+    (logged,) = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+                                          tags={"dvc_exp_name": "workspace"})
+    client.set_registered_model_alias(NAME, "champion", version.version)
     return folder
 
 
@@ -97,14 +112,12 @@ def check_same_answers(rows: list[dict], expected: list[dict]) -> None:
         assert set(row) == set(want) - {"image"}  # predict --json gives the served row, plus the file's name
 
 
-def test_export_registers_a_version_of_the_logged_pyfunc(served, client):
+def test_the_registered_version_is_the_logged_pyfunc(served, client):
     (version,) = client.search_model_versions(f"name = '{NAME}'")
     run_id = json.loads((served / "models/mlflow_run.json").read_text())["run_id"]
     assert int(version.version) == 1 and version.run_id == run_id
-    eval_metrics = json.loads((served / "metrics/eval.json").read_text())
-    assert version.tags["test_accuracy"] == str(eval_metrics["test_accuracy"])
-    assert version.tags["dvc_exp_name"] == "workspace"  # a plain stage run, not a DVC experiment
-    assert {"git_commit", "prepared_data_md5"} <= set(version.tags)  # values: tests/test_tracking.py (a real DVC repo)
+    (logged,) = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    assert logged.source_run_id == run_id and version.source == logged.artifact_location
 
 
 def download(served: Path, dest: Path, monkeypatch) -> Path:
@@ -203,7 +216,7 @@ def test_server_answers_like_predict_refuses_bad_payloads_and_stops_cleanly(serv
                                                                              tmp_path, monkeypatch):
     import mlflow
 
-    # a second version, so that "the newest" is not just "the only one"
+    # a second, newer version: make serve still serves @champion (version 1), not the newest
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{served / 'mlflow.db'}")
     (first,) = client.search_model_versions(f"name = '{NAME}'")
     assert int(mlflow.register_model(first.source, NAME).version) == 2
@@ -221,7 +234,7 @@ def test_server_answers_like_predict_refuses_bad_payloads_and_stops_cleanly(serv
 
     try:
         wait_until_healthy(base, server, 300, server_log)
-        assert f"serving models:/{NAME}/2 " in server_log()
+        assert f"serving models:/{NAME}@champion (version 1: experiment workspace, run {first.run_id}) " in server_log()
 
         model, ckpt = loaded
         status, answer = post(base, images_payload(*(b64(p.read_bytes()) for p in pictures)))
@@ -269,24 +282,32 @@ def test_server_answers_like_predict_refuses_bad_payloads_and_stops_cleanly(serv
     assert port_closed(port)
 
 
-def test_serve_without_a_registered_version_is_one_line(served, tmp_path):
+def test_serve_without_a_champion_is_one_line(served, tmp_path):
+    """No store yet, or a store whose model has versions but no @champion: one line naming make promote,
+    never the newest version instead."""
     write_params(tmp_path, {"tracking": {"enabled": True, "uri": ""}})
     result = run_stage(tmp_path, "tools.serve", "--port", str(free_port()), timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: no version of '{NAME}' is registered: sqlite:///{tmp_path / 'mlflow.db'} does not exist yet; "
-        "run the pipeline with tracking.enabled: true (`dvc repro --force train` when it ran without; export "
-        "registers a version), or pass a model URI (MODEL_URI=...)"]
+        f"error: no champion to serve: sqlite:///{tmp_path / 'mlflow.db'} does not exist yet (train with "
+        "tracking.enabled: true, make run); then make one with `make promote EXP=<experiment>` (`make champion` "
+        f"shows the best candidate), or serve a model by URI (MODEL_URI=models:/{NAME}/VERSION)"]
     assert not (tmp_path / "mlflow.db").exists()
 
-    # a store with runs but no version of this name
     shutil.copy(served / "mlflow.db", tmp_path / "mlflow.db")
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").delete_registered_model_alias(NAME, "champion")
+    result = run_stage(tmp_path, "tools.serve", "--port", str(free_port()), timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: no champion to serve: '{NAME}' has no @champion in sqlite:///") and \
+        "make promote EXP=<experiment>" in line, result.stderr
     write_params(tmp_path, {"tracking": {"enabled": True, "uri": "", "registered_model": "another-model"}})
     result = run_stage(tmp_path, "tools.serve", "--port", str(free_port()), timeout=300)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: no version of 'another-model' is registered in sqlite:///"), \
-        result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: no champion to serve: 'another-model' has no @champion in sqlite:///"), result.stderr
 
 
 def test_make_serve_runs_stages_serve_with_port_and_model_uri():
