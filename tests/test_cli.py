@@ -9,7 +9,8 @@ import pytest
 from conftest import REPO, clean_env, run_stage
 
 COMMANDS = ["stages.download", "stages.preprocess", "stages.train", "stages.evaluate", "stages.export",
-            "tools.predict", "tools.check"]
+            "tools.predict", "tools.check", "tools.compare", "tools.sweep", "tools.flips", "tools.promote",
+            "tools.champion"]
 
 
 def test_make_help_lists_every_target():
