@@ -545,7 +545,7 @@ def main() -> None:
         print(f"{args.print_recipe} recipe for this machine (kind {kind}, flags {' '.join(cpu_flags()) or 'none'}): "
               f"{recipe_file(args.print_recipe, kind).relative_to(ROOT)}", file=sys.stderr)
         recipe = preset(args.print_recipe, kind)
-        if args.fast_epochs and args.print_recipe == "fast":  # e.g. 24 on a GPU (README: On a GPU)
+        if args.fast_epochs and args.print_recipe == "fast":  # e.g. 24 on a GPU (docs/benchmarks.md)
             recipe["train.epochs"] = args.fast_epochs
         print(" ".join(override_flag(k, v) for k, v in recipe.items()))
         return

@@ -6,7 +6,7 @@
 Needs the pipeline's outputs (`dvc repro export`): models/model.pt, models/export/model.onnx and the
 prepared test split, whose images are sent as PNG files, base64-encoded, the way a client would. Builds
 the served MLflow model twice (stages/lib/tracking/pyfunc.py), once running model.onnx in ONNX Runtime (what export
-registers) and once a torch.export program of the same raw-image net in PyTorch, and serves each with
+logs into its run) and once a torch.export program of the same raw-image net in PyTorch, and serves each with
 `python -m tools.serve --model-uri FOLDER` on 127.0.0.1 (what `make serve` runs; its limits are the serve:
 section of this checkout's params.yaml). For each it measures
 
@@ -15,7 +15,7 @@ section of this checkout's params.yaml). For each it measures
 - throughput: `--batches` sequential requests of 256 images each: images per second;
 - the same two without HTTP (the pyfunc's predict called in this process), to show where the time goes.
 
-and for the registered configuration (ONNX Runtime, 1 thread a request):
+and for the served configuration (ONNX Runtime, 1 thread a request):
 
 - load: `--clients` clients at once, each sending single-image requests over its own keep-alive
   connection for `--seconds` seconds: requests, errors (anything but HTTP 200), p50 and p99;
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 BATCH = 256
-TARGETS = {"p50_ms": 20.0, "images_per_s": 1000.0}  # issue 12, on this project's 2-core CPU
+TARGETS = {"p50_ms": 20.0, "images_per_s": 1000.0}  # the serving targets on a 2-core CPU (docs/benchmarks.md)
 
 
 def build_models(project: Path, folder: Path, variants: list[tuple[str, int]]) -> tuple[dict, list[str]]:
@@ -260,7 +260,7 @@ def bench_backend(backend: str, threads: int, folder: Path, images: list[str], a
         remote = measure(over_http, images, args.requests, args.batches)
         connection.close()
         result = {"backend": backend, "threads": threads, "http": remote, "in_process": local}
-        if (backend, threads) == ("onnxruntime", 1):  # the registered configuration
+        if (backend, threads) == ("onnxruntime", 1):  # the served configuration
             print(f"  {args.clients} clients for {args.seconds:g} s ...", flush=True)
             result["load"] = load_test(port, images, args.clients, args.seconds)
             print("  memory ...", flush=True)
@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help=f"requests of {BATCH} images timed")
     parser.add_argument("--backends", default="onnxruntime,pytorch", help="comma-separated, of onnxruntime,pytorch")
     parser.add_argument("--threads", default="1", help="comma-separated CPU threads per request to compare "
-                        "(the served model's `request_threads` config; 1 is what export registers)")
+                        "(the served model's `request_threads` config; 1 is what export logs)")
     parser.add_argument("--clients", type=int, default=20, help="clients at once in the load test")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the load test")
     parser.add_argument("--port", type=int, default=5012)

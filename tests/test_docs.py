@@ -19,11 +19,6 @@ sys.path.insert(0, str(REPO))  # tools/
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
-# Commands and pages of work in progress elsewhere: a block or link that needs one is skipped while it is absent
-# and runs or is checked as soon as it exists. Remove an entry when it lands.
-PENDING_TARGETS = {"sweep", "compare", "flips", "promote", "champion"}
-PENDING_PAGES = {"docs/experiments.md", "docs/serving.md"}
-
 KINDS = {"run", "slow", "tested-by", "server", "ci", "long", "gpu", "network"}
 LONG_TARGETS = {"run", "test", "test-fast", "bench", "bench-serve", "reproduce", "fast-recipe", "setup", "lock",
                 "lock-check", "sweep"}
@@ -94,10 +89,6 @@ def make_targets_named(text: str) -> set[str]:
     return set(re.findall(r"(?:^|[\s(;&|`])make ([a-z][\w-]*)", text, re.M))
 
 
-def pending(block: Block) -> set[str]:
-    return {t for t in make_targets_named(block.body) if t in PENDING_TARGETS and t not in TARGETS}
-
-
 # --- every fence is labelled, every marker holds -----------------------------------------------------------------
 
 def test_every_fence_names_its_language():
@@ -157,9 +148,6 @@ def project(tmp_path_factory, trained_project, mirror) -> Path:
 
 
 def run_block(block: Block, folder: Path) -> None:
-    missing = pending(block)
-    if missing:
-        pytest.skip(f"pending: make {', make '.join(sorted(missing))} not in the Makefile yet")
     env = clean_env(**GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                     COLUMNS="200")
     result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.body], cwd=folder, env=env,
@@ -210,8 +198,6 @@ def test_every_link_and_anchor_resolves(page):
             continue
         path, _, anchor = target.partition("#")
         file = (page.parent / path).resolve() if path else page
-        if str(file.relative_to(REPO)) in PENDING_PAGES and not file.exists():
-            continue
         if not file.exists():
             broken.append(target)
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
@@ -223,18 +209,12 @@ def test_every_link_and_anchor_resolves(page):
 def test_every_make_target_named_exists(page):
     code = [b.body for b in blocks(page)] + re.findall(r"`([^`\n]+)`", prose(page))
     named = set().union(*(make_targets_named(c) for c in code))
-    assert sorted(named - set(TARGETS) - PENDING_TARGETS) == []
+    assert sorted(named - set(TARGETS)) == []
 
 
 CODE_AND_CONFIG = [REPO / name for name in ("Makefile", "params.yaml", "dvc.yaml", "pyproject.toml", ".ci/run")] + \
     sorted((REPO / "tools").glob("*.py")) + sorted((REPO / "stages").rglob("*.py")) + \
     sorted((REPO / "benchmarks").glob("*.py"))
-
-# References in files other helpers own, to be fixed there (file, reference).
-PENDING_REFERENCES = {("params.yaml", "README, Parallel experiments"),
-                      ("dvc.yaml", "README: The model as a DVC artifact"),
-                      ("benchmarks/bench.py", "README: On a GPU")}
-
 
 def test_references_from_code_and_config_name_sections_that_exist():
     """`README: Heading` / `README, Heading` name a README heading; `docs/x.md` names a page that exists."""
@@ -247,9 +227,9 @@ def test_references_from_code_and_config_name_sections_that_exist():
             if not any(h.startswith(slug(m.group(1))) for h in readme):
                 bad.add((name, m.group(0)))
         for page in re.findall(r"\bdocs/[\w-]+\.md", text):
-            if not (REPO / page).exists() and page not in PENDING_PAGES:
+            if not (REPO / page).exists():
                 bad.add((name, page))
-    assert sorted(bad - PENDING_REFERENCES) == []
+    assert sorted(bad) == []
 
 
 # --- history words -----------------------------------------------------------------------------------------------
@@ -257,13 +237,10 @@ def test_references_from_code_and_config_name_sections_that_exist():
 HISTORY = re.compile(r"\bissue #?\d+|\b(?:this|last|previous|earlier|next|the) round\b|\btrust branch|\bbranch `?serve\b"
                      r"|\bearlier machine", re.I)
 HISTORY_PROSE = re.compile(HISTORY.pattern + r"|\bnew (?:param|entry)\b|\bno longer\b|\bas before\b", re.I)
-PENDING_HISTORY = {"benchmarks/serve_bench.py"}  # `# issue 12` in a comment, in a file another helper owns
 
 
 @pytest.mark.parametrize("file", PAGES + CODE_AND_CONFIG, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_words_from_the_project_s_history(file):
-    if str(file.relative_to(REPO)) in PENDING_HISTORY:
-        pytest.skip("pending: fixed by the file's owner")
     words = HISTORY_PROSE if file.suffix == ".md" else HISTORY  # code may say "no longer" of the present
     assert [m.group(0) for m in words.finditer(file.read_text())] == []
 
