@@ -1,6 +1,6 @@
 """Sweeps and verdicts: tools/sweep.py names and queues a grid × seeds, tools/compare.py groups the finished
 experiments and judges each group against the baseline; on real runs, a bad lr is "worse", two groups of
-the same training (a param that changes nothing) are "within seed noise", a lone run "needs seeds"."""
+the same training (evaluated in other batches) are "within seed noise", a lone run "needs seeds"."""
 import os
 import subprocess
 import sys
@@ -32,15 +32,16 @@ def sweep(repo, *args):
 
 @pytest.fixture(scope="session")
 def swept(tmp_path_factory, mirror):
-    """A DVC repo (HEAD: lr 0.02 with its data prepared) and six finished experiments from two sweeps:
-    lr 0.02 and 1e-4 with seeds 0 and 1, then log_every 50 (no effect on the weights) with seeds 2 and 3."""
+    """A DVC repo (HEAD: lr 0.02 with its data prepared) and eight finished experiments from two sweeps:
+    lr 0.02 and 1e-4 with seeds 0, 1 and 2, then evaluate.batch_size 100 (the same training, evaluated in
+    other batches) with seeds 3 and 4. Three seeds a side: Welch's interval with two spans ±12.7 SE."""
     def build(folder):
         make_dvc_repo(folder, {**SWEPT, "data": {"mirrors": [str(mirror)]}})
         sh(folder, "dvc", "repro", "preprocess")
         sh(folder, "git", "add", "-A")
         sh(folder, "git", "commit", "-qm", "data")
-        sweep(folder, "--grid", "train.lr=0.02,0.0001", "--seeds", "2", "--jobs", "2")
-        sweep(folder, "--grid", "train.log_every=50", "--seeds", "2,3", "--jobs", "2")
+        sweep(folder, "--grid", "train.lr=0.02,0.0001", "--seeds", "3", "--jobs", "2")
+        sweep(folder, "--grid", "evaluate.batch_size=100", "--seeds", "3,4", "--jobs", "2")
 
     return built_once(tmp_path_factory, "swept", build)
 
@@ -131,8 +132,8 @@ def test_sweep_refuses_a_bad_grid_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_the_sweep_named_and_finished_every_run(swept):
     names = sh(swept, "dvc", "exp", "list", "--name-only").split()
-    assert sorted(names) == sorted([*(f"{lr}-seed{s}" for lr in (GOOD, BAD) for s in (0, 1)),
-                                    "log_every50-seed2", "log_every50-seed3"])
+    assert sorted(names) == sorted([*(f"{lr}-seed{s}" for lr in (GOOD, BAD) for s in (0, 1, 2)),
+                                    "batch_size100-seed3", "batch_size100-seed4"])
 
 
 @pytest.mark.slow
@@ -140,9 +141,10 @@ def test_a_bad_lr_is_worse_and_the_same_training_is_within_seed_noise(swept):
     result = compare(swept)
     assert result.returncode == 0, result.stderr
     found = verdicts(result.stdout)
-    assert found == {"train.log_every=100 train.lr=0.02": "baseline", "train.log_every=50 train.lr=0.02": NOISE,
-                     "train.log_every=100 train.lr=0.0001": WORSE}, result.stdout
-    assert "Baseline: the committed params (train.log_every=100 train.lr=0.02)." in result.stdout
+    assert found == {"evaluate.batch_size=1000 train.lr=0.02": "baseline",
+                     "evaluate.batch_size=100 train.lr=0.02": NOISE,
+                     "evaluate.batch_size=1000 train.lr=0.0001": WORSE}, result.stdout
+    assert "Baseline: the committed params (evaluate.batch_size=1000 train.lr=0.02)." in result.stdout
 
 
 @pytest.mark.slow
@@ -155,11 +157,11 @@ def test_one_seed_needs_seeds(swept):
 @pytest.mark.slow
 def test_compare_writes_the_markdown_report_and_a_baseline_can_be_chosen(swept, tmp_path):
     out = tmp_path / "compare.md"
-    result = compare(swept, "--out", str(out), "--baseline", f"{BAD}-seed1", "--ignore", "train.log_every")
+    result = compare(swept, "--out", str(out), "--baseline", f"{BAD}-seed1", "--ignore", "evaluate.batch_size")
     assert result.returncode == 0, result.stderr
     assert verdicts(result.stdout) == {"train.lr=0.0001": "baseline", "train.lr=0.02": BETTER}, result.stdout
     report = out.read_text()
-    assert report.startswith("# Experiments compared") and "| train.lr=0.02 | 4 |" in report and "Welch" in report
+    assert report.startswith("# Experiments compared") and "| train.lr=0.02 | 5 |" in report and "Welch" in report
     result = compare(swept, "--baseline", "nope")
     assert result.returncode == 2 and result.stderr.startswith("error: --baseline nope")
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import needs
+from conftest import needs, sh
 from test_experiments import BAD, GOOD, swept, tool  # noqa: F401 (the fixture)
 from tools.flips import flips
 
@@ -68,13 +68,18 @@ def test_flips_of_two_real_experiments_and_the_page_in_chromium(swept, tmp_path)
 
 
 @pytest.mark.slow
-def test_flips_refuses_runs_on_different_data_in_one_line(swept):  # noqa: F811
-    result = tool(swept, "tools.flips", f"{GOOD}-seed0", f"{GOOD}-seed1", "--no-mlflow")
+def test_flips_refuses_runs_on_different_data_in_one_line(swept, tmp_path):  # noqa: F811
+    """An experiment with another validation split (preprocess.split_seed) has another data/prepared: flips
+    against it is refused, and so is flips of two runs whose data/prepared is not the one here."""
+    repo = tmp_path / "repo"
+    shutil.copytree(swept, repo, symlinks=True)
+    sh(repo, "dvc", "exp", "run", "-n", "other-split", "-S", "preprocess.split_seed=1", "evaluate")
+    result = tool(repo, "tools.flips", f"{GOOD}-seed0", "other-split", "--no-mlflow")
     assert result.returncode == 2 and "evaluated on different data/prepared" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = tool(swept, "tools.flips", f"{GOOD}-seed1", f"{BAD}-seed1", "--no-mlflow")  # data/prepared here: seed 0's
+    result = tool(repo, "tools.flips", f"{GOOD}-seed1", f"{BAD}-seed1", "--no-mlflow")  # data/prepared here: other-split's
     assert result.returncode == 2 and "data/prepared here is not the one" in result.stderr
-    result = tool(swept, "tools.flips", "nope", "workspace")
+    result = tool(repo, "tools.flips", "nope", "workspace")
     assert result.returncode == 2 and "neither an experiment" in result.stderr
 
 

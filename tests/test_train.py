@@ -210,7 +210,7 @@ def test_train_on_val_fits_every_labelled_image(prepared_project, tmp_path):
     assert torch.equal(both[1], torch.tensor([0, 1, 2, 3, 4, 7, 8])) and both[0][5:].eq(1).all()
 
     shutil.copytree(prepared_project / "data", tmp_path / "data")
-    write_params(tmp_path, {"train": {"train_on_val": True}})  # SMALL: 600 images, 100 of them val
+    write_params(tmp_path, {"train": {"train_on_val": True, "keep": "last"}})  # SMALL: 600 images, 100 of them val
     result = run_stage(tmp_path, "train")
     assert result.returncode == 0, result.stderr
     assert "600 train / 100 val images" in result.stdout

@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -61,7 +62,6 @@ def verdict(candidate: Sequence[float], baseline: Sequence[float]) -> Verdict:
 
 # ---- `python -m tools.compare`: experiments grouped by their params, each group against a baseline ----
 
-IGNORED = ("seed",)  # what a group repeats over
 REPORT = Path("reports/compare.md")
 METRICS = ("test_accuracy", "test_loss")
 
@@ -131,10 +131,14 @@ def read_experiments(all_commits: bool = False, keys: list[str] | None = None) -
     return runs
 
 
-def group_runs(runs: list[Run], ignore: tuple = IGNORED) -> list[Group]:
+def group_runs(runs: list[Run], ignore: tuple = ()) -> list[Group]:
+    """Runs of the same recipe (their params without the seed and what makes no other model, the
+    grouping `make promote` uses too), and without the `ignore` keys, form a group."""
+    from stages.lib.tracking.champion import recipe
+
     groups: dict[str, Group] = {}
     for run in runs:
-        params = {k: v for k, v in run.params.items() if k not in ignore}
+        params = {k: v for k, v in recipe(run.params).items() if k not in ignore}
         groups.setdefault(json.dumps(params, sort_keys=True), Group(params, [])).runs.append(run)
     varying = sorted({k for g in groups.values() for k in g.params
                       if any(o.params.get(k) != g.params[k] for o in groups.values())})
@@ -272,7 +276,7 @@ def log_to_mlflow(tracking, groups: list[Group], baseline: Group | None, table: 
         eid = experiment.experiment_id
         names = {r.name for g in groups for r in g.runs}
         found = runs_by_exp_name(client, eid, names)
-        now = int(__import__("time").time() * 1000)
+        now = int(time.time() * 1000)
         for g in groups:
             v = g.verdict
             values = {"group/n": len(g.runs), "group/test_accuracy_mean": g.mean("test_accuracy"),
@@ -313,7 +317,7 @@ def compare(names: list[str] | None = None, select: list[str] | None = None, bas
     if not runs:
         raise PipelineError("no finished experiment to compare (dvc exp show lists none with metrics/eval.json); "
                             "run some: make sweep GRID=\"train.lr=0.01,0.02\" SEEDS=3")
-    groups = group_runs(runs, (*IGNORED, *(ignore or [])))
+    groups = group_runs(runs, tuple(ignore or ()))
     chosen, how = pick_baseline(groups, baseline)
     judge(groups, chosen)
     table = rows(groups, chosen)
@@ -337,7 +341,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("select", nargs="*", help="glob patterns of experiment names (default: every experiment of HEAD)")
     parser.add_argument("--baseline", default="",
                         help="the group to judge against: an experiment's name, or 'train.lr=0.01 ...' (default: the committed params)")
-    parser.add_argument("--ignore", action="append", default=[], help="also group over this param, as over seed (e.g. threads)")
+    parser.add_argument("--ignore", action="append", default=[], help="also group over this param, as over seed (e.g. evaluate.batch_size)")
     parser.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only of HEAD")
     parser.add_argument("--out", type=lambda s: Path(s) if s else None, default=REPORT, help="the markdown report ('': none)")
     parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
