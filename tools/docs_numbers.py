@@ -3,7 +3,7 @@
 A figure in the docs is a marked region whose content this script writes:
 
     <!-- numbers: metrics/eval.json test_accuracy .2% -->86.81%<!-- /numbers -->
-    <!-- numbers: benchmarks/results/results.md table 1 -->
+    <!-- numbers: benchmarks/results/cpu-avx2-2core/results.md table 1 -->
     | route | ... |
     <!-- /numbers -->
 
