@@ -155,14 +155,10 @@ def run_block(block: Block, folder: Path) -> None:
     assert result.returncode == 0, f"{block.where} failed:\n{block.body}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("block", [b for b in SHELL if b.kind == "run"], ids=lambda b: b.where)
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.where, marks=[pytest.mark.slow] if b.kind == "slow" else [])
+                                   for b in SHELL if b.kind in ("run", "slow")])
 def test_block_runs(block, project):
-    run_block(block, project)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("block", [b for b in SHELL if b.kind == "slow"], ids=lambda b: b.where)
-def test_slow_block_runs(block, project):
+    """`run` blocks, and `slow` ones (in a test marked slow): each exits 0 in the small project."""
     run_block(block, project)
 
 
