@@ -63,8 +63,7 @@ def differences(a: dict, b: dict) -> str:
 
 
 def main(args) -> None:
-    if not 20 <= args.latency_requests <= 100_000:
-        raise PipelineError(f"--latency-requests must be 20..100000, got {args.latency_requests}")
+    C.check_latency_requests(args.latency_requests)
     params = load_params()
     registry = C.Registry(params.tracking)
     state = registry.state()

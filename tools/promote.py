@@ -121,8 +121,7 @@ def repair(registry: C.Registry, state: C.State) -> None:
 
 
 def main(args) -> None:
-    if not 20 <= args.latency_requests <= 100_000:
-        raise PipelineError(f"--latency-requests must be 20..100000 (a p99 needs requests), got {args.latency_requests}")
+    C.check_latency_requests(args.latency_requests)
     params = load_params()
     registry = C.Registry(params.tracking)
     state = registry.state()

@@ -508,6 +508,12 @@ def recorded_onnx_check(registry: Registry, model: Model, atol: float, work: Pat
     return None
 
 
+def check_latency_requests(count: int) -> None:
+    """--latency-requests of promote and champion: a p99 needs at least 20 requests."""
+    if not 20 <= count <= 100_000:
+        raise PipelineError(f"--latency-requests must be 20..100000 (a p99 needs requests), got {count}")
+
+
 def latency_p99_ms(model_dir: Path, serve, requests: int) -> float:
     """p99 in ms of `requests` one-image requests answered by the served app (tools/serve.py's ServingApp:
     JSON parsed, limits checked, MLflow's invocations, the pyfunc, the JSON answer) in this process, without
