@@ -1,15 +1,17 @@
 """Levers of the fast recipe, measured before they go into a recipe or the training code
 (benchmarks/results/<machine kind>/levers.md has what each gained or cost):
 
-    python benchmarks/levers.py [--set KEY=VALUE ...] [--seed 0] [--threads 1] [--cutout N]
+    python benchmarks/levers.py [--set KEY=VALUE ...] [--seed 0] [--threads 1] [--cutout N] [--net-options JSON]
     python benchmarks/levers.py --compile-probe fast_cnn6 [--precision bf16|fp32] [--batch-size 128]
 
 The first trains the fast recipe (benchmarks/fast_recipe.yaml, --set on top) through the project's own `fit`,
-optionally with cutout patched into the loader's augmentation, and then tests its final model under several
-test-time augmentations (plain, flip, flip + translate by one pixel). The second times one net's SGD steps and
-inference eagerly and under torch.compile (inductor), compile time included. Both print one JSON line; times
-are CPU seconds of this process (time.process_time) besides wall seconds, since a shared machine's load moves
-wall seconds far more than CPU seconds (with one thread; compile workers' CPU time is not counted)."""
+optionally with cutout patched into the loader's augmentation or the net's options changed (--net-options
+'{"widths": [48, 96, 192]}' or '{"identity_init": false}' over those of the recipe's net in stages/lib/nets.py),
+and then tests its final model under several test-time augmentations (plain, flip, flip + translate by one
+pixel). The second times one net's SGD steps and inference eagerly and under torch.compile (inductor), compile
+time included. Both print one JSON line; times are CPU seconds of this process (time.process_time) besides wall
+seconds, since a shared machine's load moves wall seconds far more than CPU seconds (with one thread; compile
+workers' CPU time is not counted)."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +49,15 @@ def patch_cutout(size: int) -> None:
         return augment
 
     loader.make_augmenter = make_augmenter
+
+
+def patch_net_options(name: str, changes: dict) -> None:
+    """MODELS[name] builds with `changes` over its own options (a lever on the net's shape or init)."""
+    import dataclasses
+    from stages.lib import nets
+
+    entry = nets.MODELS[name]
+    nets.MODELS[name] = dataclasses.replace(entry, options=lambda shape: {**entry.options(shape), **changes})
 
 
 def shift(x, dy, dx):
@@ -139,6 +150,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cutout", type=int, default=0)
+    p.add_argument("--net-options", type=json.loads, default={}, help="JSON over the recipe's net's options")
     p.add_argument("--recipe", default="fast")
     p.add_argument("--raw", default="/usr/share/datasets/fashion-mnist")
     a = p.parse_args()
@@ -155,6 +167,8 @@ def main():
     if a.recipe != "fast":
         bench.PRESETS[a.recipe] = a.recipe
     params = bench.project_params(a.recipe, None, a.seed, "cpu", a.set)
+    if a.net_options:
+        patch_net_options(params.model.name, a.net_options)
     args = argparse.Namespace(limit=0, test_limit=0)
     data, meta = bench.prepared(params, args, Path(a.raw))
     rows, t0, c0 = [], time.perf_counter(), time.process_time()
@@ -164,7 +178,7 @@ def main():
                      "train_s": round(epoch.seconds, 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     bf16 = use_bf16(params.train.precision, torch.device("cpu"))
-    print(json.dumps({"set": a.set, "cutout": a.cutout, "seed": a.seed, "epochs": rows,
+    print(json.dumps({"set": a.set, "cutout": a.cutout, "net_options": a.net_options, "seed": a.seed, "epochs": rows,
                       "tta": tta_scores(epoch.model, data["val"], meta, params, bf16)}))
 
 

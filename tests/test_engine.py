@@ -95,6 +95,25 @@ def test_pool_first_nets_pool_after_each_stages_first_conv():
     assert [type(m).__name__ for m in old.features][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
 
 
+def test_identity_init_makes_equal_width_convs_pass_their_input_through():
+    """fast_cnn6 starts each stage's second conv as the identity (airbench's dirac init); the convs that change
+    the width keep their random init, drawn from the same random numbers as without the option."""
+    torch.manual_seed(0)
+    plain = FastCNN(1, 10, [8, 16], [2, 2], "first")
+    torch.manual_seed(0)
+    identity = FastCNN(1, 10, [8, 16], [2, 2], "first", identity_init=True)
+    pairs = [(p, i) for p, i in zip(plain.features, identity.features) if isinstance(p, nn.Conv2d)]
+    assert [p.in_channels == p.out_channels for p, _ in pairs] == [False, True, False, True]
+    for p, i in pairs:
+        if p.in_channels == p.out_channels:
+            x = torch.randn(2, p.in_channels, 5, 5)
+            assert torch.equal(i(x), x)
+        else:
+            assert torch.equal(p.weight, i.weight)
+    assert build_model(model_config("fast_cnn6", [1, 28, 28], 10)).features[4].weight[:, :, 1, 1].equal(torch.eye(32))
+    assert "identity_init" not in model_config("fast_cnn", [1, 28, 28], 10)
+
+
 def test_evaluate_in_bf16_close_to_fp32_and_leaves_an_enclosing_autocast_alone():
     from stages.lib.device import use_bf16
     from stages.lib.loader import BatchLoader

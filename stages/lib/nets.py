@@ -53,15 +53,20 @@ class FastCNN(nn.Module):
     stage's 2×2 max-pool right after one of its convs, before BN and ReLU (as airbench does: the same net
     up to BN's sign, and a quarter of the memory traffic, which is what limits these layers on a CPU).
     `pool`: after the stage's last conv ("last", fast_cnn) or its first ("first", airbench's order: the
-    stage's other convs then run at a quarter of the pixels).
+    stage's other convs then run at a quarter of the pixels). `identity_init`: every conv with as many
+    outputs as inputs starts as the identity (torch.nn.init.dirac_, as airbench does), so a fresh net
+    passes each stage's first features through and SGD starts from a shallower net.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs: list[int], pool: str = "last"):
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs: list[int], pool: str = "last",
+                 identity_init: bool = False):
         super().__init__()
         layers, channels = [], in_channels
         for width, count in zip(widths, convs):
             for index in range(count):
                 layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=False))
+                if identity_init and channels == width:
+                    nn.init.dirac_(layers[-1].weight)
                 if index == (0 if pool == "first" else count - 1):
                     layers.append(nn.MaxPool2d(2))
                 layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
@@ -94,7 +99,7 @@ def tudui(config: dict, pretrained: bool) -> Tudui:
 
 def fast_cnn(config: dict, pretrained: bool) -> FastCNN:
     return FastCNN(config["in_channels"], config["num_classes"], config["widths"], config["convs"],
-                   config.get("pool", "last"))
+                   config.get("pool", "last"), config.get("identity_init", False))
 
 
 def vgg16(config: dict, pretrained: bool) -> nn.Module:
@@ -148,9 +153,11 @@ MODELS = {
     "cifar10_quick": ModelEntry(tudui, head="model.8", multiple_of=8),
     "fast_cnn": ModelEntry(fast_cnn, head="head", min_size=8,
                            options=lambda shape: {"widths": [32, 64, 128], "convs": [1, 1, 2]}),
-    # the fast recipe's: six convs, two a stage, airbench's pool order; about the cost of fast_cnn per image
+    # the fast recipe's: six convs, two a stage, airbench's pool order and identity init; about the cost of
+    # fast_cnn per image
     "fast_cnn6": ModelEntry(fast_cnn, head="head", min_size=8,
-                            options=lambda shape: {"widths": [32, 64, 128], "convs": [2, 2, 2], "pool": "first"}),
+                            options=lambda shape: {"widths": [32, 64, 128], "convs": [2, 2, 2], "pool": "first",
+                                                   "identity_init": True}),
     # the short recipe's: fast_cnn at half the width with one conv a stage, ~3× cheaper per image
     "fast_cnn_small": ModelEntry(fast_cnn, head="head", min_size=8,
                                  options=lambda shape: {"widths": [16, 32, 64], "convs": [1, 1, 1]}),
