@@ -204,6 +204,63 @@ def trained_project(tmp_path_factory, prepared_project) -> Path:
     return built_once(tmp_path_factory, "trained", build)
 
 
+def tool_env(**extra: str) -> dict:
+    """The environment `make` gives a tool: this checkout on the path and the venv first on PATH."""
+    return clean_env(PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra)
+
+
+# The shared experiments' recipe: a training that learns in seconds (600 images, 2 epochs with momentum); fp32
+# so that machines with and without bf16 train alike. lr 1e-4 barely moves the weights (~11% vs 52-63% here).
+SWEPT = {"seed": 0, "threads": 1, "train": {"lr": 0.02, "momentum": 0.9, "epochs": 2, "precision": "fp32"}}
+SWEEPS = (("train.lr=0.02,0.0001", "3"), ("evaluate.batch_size=100", "3,4"))  # (--grid, --seeds) of each sweep
+
+
+@pytest.fixture(scope="session")
+def swept(tmp_path_factory, mirror) -> Path:
+    """One DVC repository of real experiments, built once per session for tests/test_experiments.py,
+    test_flips.py, test_parallel_experiments.py and test_champion.py: tracking on (the sqlite store in the
+    repo root), HEAD lr 0.02 with its data prepared, and eight experiments, every stage run and logged, from two
+    sweeps (tools.sweep, queued, two jobs at a time): lr 0.02 and 1e-4 with seeds 0, 1 and 2, then
+    evaluate.batch_size 100 (the same training, evaluated in other batches) with seeds 3 and 4. Three seeds a
+    side: Welch's interval with two spans ±12.7 SE. Read only: a test that changes anything works on
+    copy_repo(swept, ...)."""
+    def build(folder):
+        make_dvc_repo(folder, {**SWEPT, "data": {"mirrors": [str(mirror)]}, "tracking": {"enabled": True, "uri": ""}})
+        sh(folder, "dvc", "repro", "preprocess")
+        sh(folder, "git", "add", "-A")
+        sh(folder, "git", "commit", "-qm", "data")
+        for grid, seeds in SWEEPS:
+            result = subprocess.run([sys.executable, "-m", "tools.sweep", "--set", "threads=1", "--grid", grid,
+                                     "--seeds", seeds, "--jobs", "2"], cwd=folder, env=tool_env(),
+                                    capture_output=True, text=True, timeout=1800)
+            assert result.returncode == 0, result.stdout + result.stderr
+
+    return built_once(tmp_path_factory, "swept", build)
+
+
+def copy_repo(source: Path, folder: Path) -> Path:
+    """A copy of a DVC repository to change, with its MLflow store: the sqlite store names the runs' artifacts
+    by absolute path (file:///.../mlartifacts/...), and in the copy's store they name the copy's. The queue's
+    state and DVC's locks (.dvc/tmp) stay behind."""
+    import sqlite3
+
+    shutil.copytree(source, folder, symlinks=True,
+                    ignore=lambda where, names: ["tmp"] if Path(where) == source / ".dvc" else [])
+    if (folder / "mlflow.db").exists():
+        old, new = str(source.resolve()), str(folder.resolve())
+        db = sqlite3.connect(folder / "mlflow.db")
+        try:
+            for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")').fetchall()]:
+                    db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                               f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
+            db.commit()
+            assert old not in "\n".join(db.iterdump()), f"{folder / 'mlflow.db'} still names {old}"
+        finally:
+            db.close()
+    return folder
+
+
 @pytest.fixture
 def serve_folder():
     """Start a static HTTP server on 127.0.0.1 for a folder; returns its base URL. Stopped after the test."""

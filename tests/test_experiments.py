@@ -1,49 +1,23 @@
 """Sweeps and verdicts: tools/sweep.py names and queues a grid × seeds, tools/compare.py groups the finished
 experiments and judges each group against the baseline; on real runs, a bad lr is "worse", two groups of
 the same training (evaluated in other batches) are "within seed noise", a lone run "needs seeds"."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, built_once, clean_env, make_dvc_repo, run_stage, sh
+from conftest import REPO, clean_env, run_stage, sh, tool_env
 from tools.compare import BETTER, NEEDS_SEEDS, NOISE, WORSE, Run, group_runs, judge, pick_baseline, verdict
 from tools.sweep import exp_name, plan
 
-# A training that learns in seconds: 600 images, 2 epochs with momentum; fp32 so that machines with and
-# without bf16 train alike. lr 1e-4 barely moves the weights (~11% vs 52-63% here).
-SWEPT = {"seed": 0, "threads": 1, "train": {"lr": 0.02, "momentum": 0.9, "epochs": 2, "precision": "fp32"}}
+# The real runs: tests/conftest.py's `swept` repository, eight experiments of two sweeps made by tools.sweep.
 GOOD, BAD = "lr0.02", "lr0.0001"
 
 
 def tool(repo, module, *args, timeout=600):
     """`python -m tools.X` in `repo` with this checkout on the path and the venv first on PATH (as make runs it)."""
-    env = clean_env(PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def sweep(repo, *args):
-    result = tool(repo, "tools.sweep", "--set", "threads=1", "--target", "evaluate", *args, timeout=1200)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.fixture(scope="session")
-def swept(tmp_path_factory, mirror):
-    """A DVC repo (HEAD: lr 0.02 with its data prepared) and eight finished experiments from two sweeps:
-    lr 0.02 and 1e-4 with seeds 0, 1 and 2, then evaluate.batch_size 100 (the same training, evaluated in
-    other batches) with seeds 3 and 4. Three seeds a side: Welch's interval with two spans ±12.7 SE."""
-    def build(folder):
-        make_dvc_repo(folder, {**SWEPT, "data": {"mirrors": [str(mirror)]}})
-        sh(folder, "dvc", "repro", "preprocess")
-        sh(folder, "git", "add", "-A")
-        sh(folder, "git", "commit", "-qm", "data")
-        sweep(folder, "--grid", "train.lr=0.02,0.0001", "--seeds", "3", "--jobs", "2")
-        sweep(folder, "--grid", "evaluate.batch_size=100", "--seeds", "3,4", "--jobs", "2")
-
-    return built_once(tmp_path_factory, "swept", build)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=repo, env=tool_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def compare(repo, *args):

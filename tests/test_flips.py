@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from conftest import needs, sh
-from test_experiments import BAD, GOOD, swept, tool  # noqa: F401 (the fixture)
+from conftest import copy_repo, needs, sh
+from test_experiments import BAD, GOOD, tool
 from tools.flips import flips
 
 
@@ -31,7 +31,7 @@ def test_the_counts_image_by_image():
 
 
 @pytest.mark.slow
-def test_flips_of_two_real_experiments_and_the_page_in_chromium(swept, tmp_path):  # noqa: F811
+def test_flips_of_two_real_experiments_and_the_page_in_chromium(swept, tmp_path):
     a, b = f"{GOOD}-seed0", f"{BAD}-seed0"
     out = tmp_path / "flips.html"
     result = tool(swept, "tools.flips", a, b, "--out", str(out), "--no-mlflow")
@@ -68,11 +68,10 @@ def test_flips_of_two_real_experiments_and_the_page_in_chromium(swept, tmp_path)
 
 
 @pytest.mark.slow
-def test_flips_refuses_runs_on_different_data_in_one_line(swept, tmp_path):  # noqa: F811
+def test_flips_refuses_runs_on_different_data_in_one_line(swept, tmp_path):
     """An experiment with another validation split (preprocess.split_seed) has another data/prepared: flips
     against it is refused, and so is flips of two runs whose data/prepared is not the one here."""
-    repo = tmp_path / "repo"
-    shutil.copytree(swept, repo, symlinks=True)
+    repo = copy_repo(swept, tmp_path / "repo")
     sh(repo, "dvc", "exp", "run", "-n", "other-split", "-S", "preprocess.split_seed=1", "evaluate")
     result = tool(repo, "tools.flips", f"{GOOD}-seed0", "other-split", "--no-mlflow")
     assert result.returncode == 2 and "evaluated on different data/prepared" in result.stderr
