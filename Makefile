@@ -54,9 +54,10 @@ run: setup $(PLOTS_TEMPLATE)
 	@echo "Compare runs in MLflow: make ui"
 
 # pytest-xdist: a worker per core (TEST_JOBS=1 runs them one at a time), a test file per worker so that its
-# module fixtures are built once; the 15 slowest tests are listed at the end.
+# module fixtures are built once, the files in tests/conftest.py's order (longest first); the 15 slowest tests
+# are listed at the end.
 TEST_JOBS ?= auto
-TEST_ARGS = -q -n $(TEST_JOBS) --dist loadfile --timeout 1200
+TEST_ARGS = -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --timeout 1200
 test: setup $(PLOTS_TEMPLATE)
 	$(PY) -m pytest $(TEST_ARGS) --durations=15
 

@@ -40,6 +40,19 @@ SMALL = {
 }
 
 
+# pytest-xdist hands out whole files (make test: --dist loadfile) in collection order (--no-loadscope-reorder,
+# not by their number of tests), so the longest files come first: none of them starts last and runs alone at the
+# end. test_champion.py first of all: it builds the shared `swept` repository that test_experiments.py,
+# test_flips.py and test_parallel_experiments.py (later in the order) would otherwise wait for, idle.
+LONGEST_FILES = ("test_champion.py", "test_team.py", "test_tracking.py", "test_bench.py", "test_serving.py",
+                 "test_predict.py", "test_pipeline.py", "test_datasets.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: files stay whole, the rest in order
+
+
 def merge(base: dict, overrides: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in overrides.items():
