@@ -2,7 +2,7 @@
 (benchmarks/results/<machine kind>/levers.md has what each gained or cost):
 
     python benchmarks/levers.py [--set KEY=VALUE ...] [--seed 0] [--threads 1] [--cutout N] [--net-options JSON]
-    python benchmarks/levers.py --compile-probe fast_cnn6 [--precision bf16|fp32] [--batch-size 128]
+    python benchmarks/levers.py --compile-probe fast_cnn6 [--precision bf16|fp32] [--batch-size 128] [--net-options JSON]
 
 The first trains the fast recipe (benchmarks/fast_recipe.yaml, --set on top) through the project's own `fit`,
 optionally with cutout patched into the loader's augmentation or the net's options changed (--net-options
@@ -156,6 +156,8 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.compile_probe:
+        if a.net_options:
+            patch_net_options(a.compile_probe, a.net_options)
         print(json.dumps(compile_probe(a.compile_probe, a.precision, a.batch_size)))
         return
     if a.cutout:
