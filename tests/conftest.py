@@ -96,6 +96,11 @@ def clean_env(**extra: str) -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in SCRUB}, **extra}
 
 
+def venv_path() -> str:
+    """PATH with this venv's bin first, as `make` runs commands (dvc, python)."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+
 def run_stage(folder: Path, module: str, *args: str, timeout: float = 1800,
               env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m stages.<module>` (a stage; a dotted name such as tools.predict as it is) in `folder`
@@ -111,7 +116,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
 
 def sh(folder: Path, *args: str, timeout: float = 1800, check: bool = True, stdout_only: bool = False) -> str:
     """Run a command in `folder` with this venv first on PATH (as `make` does); return its output."""
-    env = clean_env(**GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = clean_env(**GIT_ENV, PATH=venv_path())
     result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
@@ -219,7 +224,7 @@ def trained_project(tmp_path_factory, prepared_project) -> Path:
 
 def tool_env(**extra: str) -> dict:
     """The environment `make` gives a tool: this checkout on the path and the venv first on PATH."""
-    return clean_env(PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra)
+    return clean_env(PYTHONPATH=str(REPO), PATH=venv_path(), **extra)
 
 
 # The shared experiments' recipe: a training that learns in seconds (600 images, 2 epochs with momentum); fp32

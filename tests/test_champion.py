@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, GIT_ENV, clean_env, copy_repo, free_port, sh, wait_until_healthy
+from conftest import REPO, GIT_ENV, clean_env, copy_repo, free_port, sh, tool_env, wait_until_healthy
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 NAME = "tudui-classifier"
@@ -30,9 +30,7 @@ WEAK0, WEAK1, STRONG0, STRONG1 = "lr0.0001-seed0", "lr0.0001-seed1", "lr0.02-see
 def tool(repo: Path, module: str, *args: str, env: dict | None = None, timeout: float = 600):
     """`python -m tools.<module>` as make runs it, in `repo`, by the user alice."""
     return subprocess.run([sys.executable, "-m", f"tools.{module}", *args], cwd=repo, capture_output=True, text=True,
-                          timeout=timeout, env=clean_env(**GIT_ENV, USER="alice", PYTHONPATH=str(REPO),
-                                                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                                                         **(env or {})))
+                          timeout=timeout, env=tool_env(**GIT_ENV, USER="alice", **(env or {})))
 
 
 def refused(result, *reasons: str) -> None:

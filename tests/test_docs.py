@@ -3,7 +3,6 @@ project) or carries a marker that is checked, every link and anchor resolves, ev
 every figure is its results file's, and no page speaks of the project's own history (docs/testing.md)."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GIT_ENV, REPO, clean_env, make_dvc_repo, sh
+from conftest import GIT_ENV, REPO, clean_env, make_dvc_repo, sh, venv_path
 
 sys.path.insert(0, str(REPO))  # tools/
 
@@ -148,7 +147,7 @@ def project(tmp_path_factory, trained_project, mirror) -> Path:
 
 
 def run_block(block: Block, folder: Path) -> None:
-    env = clean_env(**GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    env = clean_env(**GIT_ENV, PATH=venv_path(),
                     COLUMNS="200")
     result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.body], cwd=folder, env=env,
                             capture_output=True, text=True, timeout=1200)

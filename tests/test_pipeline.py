@@ -1,16 +1,13 @@
 """The real `dvc repro` in a fresh git + dvc repository made from this checkout, with a shrunk config."""
 import json
-import os
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import GIT_ENV, clean_env, make_dvc_repo, sh
+from conftest import GIT_ENV, clean_env, make_dvc_repo, sh, venv_path
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +106,7 @@ def test_params_changed_during_a_run_are_never_recorded(repo):
     before = snapshot_outputs(repo)
     try:
         (repo / "params.yaml").write_text(re.sub(r"\blr: \S+", "lr: 0.015", committed, count=1))  # train reruns
-        env = clean_env(**GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        env = clean_env(**GIT_ENV, PATH=venv_path(),
                         TUDUI_FAULT="sigstop@step=3")
         process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (GIT_ENV, REPO, clean_env, free_port, make_dvc_repo, needs, run_stage, sh, wait_until_healthy,
-                      write_params)
+                      write_params, venv_path)
 
 SCRIPT = REPO / "tools" / "mlflow_server.py"
 # The roles and throttle figures of the server's app (stdlib-only at import: no MLflow here).
@@ -745,7 +745,7 @@ def sshd(tmp_path):
 
 def machine_env(home: Path, login: tuple[str, str] | None = None) -> dict:
     """One "machine": its own HOME (~/.ssh/config) and, optionally, its MLflow login."""
-    extra = {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **GIT_ENV}
+    extra = {"HOME": str(home), "PATH": venv_path(), **GIT_ENV}
     if login:
         extra.update(MLFLOW_TRACKING_USERNAME=login[0], MLFLOW_TRACKING_PASSWORD=login[1])
     return env(**extra)
