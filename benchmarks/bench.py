@@ -18,8 +18,8 @@ is its own:
 
 Every Fashion-MNIST route trains on the same 55,000 images (the project's validation split, seed 0, is
 held out) unless its recipe sets train.train_on_val (then all 60,000), and is tested on the 10,000 test
-images after every epoch. Elapsed times are wall-clock seconds of training plus those per-epoch test
-passes; speeds count training only. Each route runs with seeds 0..N-1 (--seeds: weight init, batch
+images after every epoch (with train.val_every in its recipe: after those epochs and the last, "—" for the
+others). Elapsed times are wall-clock seconds of training plus those test passes; speeds count training only. Each route runs with seeds 0..N-1 (--seeds: weight init, batch
 order, augmentation; the split stays seed 0's); the table gives mean ± standard deviation over them.
 After the fast recipe's last epoch its final model is also evaluated as the evaluate stage does, in
 float32 and in bfloat16, to compare their accuracy and time. results.json and results.md in --out are
@@ -311,7 +311,7 @@ def summarize_run(run: dict, targets: list[float]) -> dict:
     for row in rows:
         elapsed += row["elapsed_seconds"]
         for target in targets:
-            if row["test_accuracy"] >= target and target not in reached:
+            if (row["test_accuracy"] or 0) >= target and target not in reached:  # None: not tested (train.val_every)
                 reached[target] = elapsed
     cpu = {"cpu_seconds": sum(r["cpu_seconds"] for r in rows)} if all("cpu_seconds" in r for r in rows) else {}
     return {"seed": run["seed"], "epochs": len(rows), "images_per_s": sum(r["images"] for r in rows) / train_seconds, **cpu,
@@ -368,7 +368,7 @@ def markdown(summary: list[dict], checks: dict, notes: list[str], machine: str) 
                   "below its thread count when other jobs took the cores, i.e. measured under contention):", ""]
     for s in summary:
         for run in s["per_seed"]:
-            lines.append(f"- {s['route']} seed {run['seed']}: " + ", ".join(f"{a:.2%}" for a in run["accuracy_per_epoch"])
+            lines.append(f"- {s['route']} seed {run['seed']}: " + ", ".join("—" if a is None else f"{a:.2%}" for a in run["accuracy_per_epoch"])
                          + f" ({run['elapsed_seconds']:.0f} s" + (f"; CPU use {run['cpu_use']:.2f} cores of "
                                                                    f"{threads}" if "cpu_use" in run else "") + ")")
     evals = [s for s in summary if "evaluate" in s]
@@ -613,7 +613,7 @@ def main() -> None:
             sys.exit(f"{route} seed {seed} failed:\n{out.stderr}")
         results.setdefault(route, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
         run = results[route][-1]
-        print(f"  {[round(r['test_accuracy'], 4) for r in run['epochs']]} "
+        print(f"  {[r['test_accuracy'] and round(r['test_accuracy'], 4) for r in run['epochs']]} "
               f"{sum(r['elapsed_seconds'] for r in run['epochs']):.1f} s", flush=True)
         table = write_report(results, notes, machine + f", after {os.getloadavg()[0]:.1f}", args.out)
     print(table)

@@ -51,6 +51,25 @@ def patch_cutout(size: int) -> None:
     loader.make_augmenter = make_augmenter
 
 
+def patch_sizes(sizes: list[int]) -> None:
+    """Progressive resizing: the loader's k-th pass (epoch k+1) scales its batches to sizes[k]×sizes[k]
+    (bilinear, antialiased; the last size for passes beyond the list). The nets pool globally, so any size runs."""
+    from stages.lib import loader
+
+    original = loader.BatchLoader.__iter__
+
+    def __iter__(self):
+        size = sizes[min(getattr(self, "passes", 0), len(sizes) - 1)] if self.augment else None
+        self.passes = getattr(self, "passes", 0) + 1
+        for images, labels in original(self):
+            if size and size != images.shape[-1]:
+                images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+
+    loader.BatchLoader.__iter__ = __iter__
+
+
 def patch_net_options(name: str, changes: dict) -> None:
     """MODELS[name] builds with `changes` over its own options (a lever on the net's shape or init)."""
     import dataclasses
@@ -150,6 +169,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cutout", type=int, default=0)
+    p.add_argument("--sizes", type=lambda t: [int(v) for v in t.split(",")], default=[],
+                   help="progressive resizing: the training images' side per epoch, e.g. 20,20,24,28")
     p.add_argument("--net-options", type=json.loads, default={}, help="JSON over the recipe's net's options")
     p.add_argument("--recipe", default="fast")
     p.add_argument("--raw", default="/usr/share/datasets/fashion-mnist")
@@ -162,6 +183,8 @@ def main():
         return
     if a.cutout:
         patch_cutout(a.cutout)
+    if a.sizes:
+        patch_sizes(a.sizes)
     import bench
     from stages.lib.device import use_bf16
     from stages.lib.training import fit
@@ -180,7 +203,7 @@ def main():
                      "train_s": round(epoch.seconds, 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     bf16 = use_bf16(params.train.precision, torch.device("cpu"))
-    print(json.dumps({"set": a.set, "cutout": a.cutout, "net_options": a.net_options, "seed": a.seed, "epochs": rows,
+    print(json.dumps({"set": a.set, "cutout": a.cutout, "sizes": a.sizes, "net_options": a.net_options, "seed": a.seed, "epochs": rows,
                       "tta": tta_scores(epoch.model, data["val"], meta, params, bf16)}))
 
 

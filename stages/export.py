@@ -106,7 +106,10 @@ def model_card(ckpt: ModelFile, evaluation: dict, diffs: tuple[float, float]) ->
                 "photos first (`python -m tools.predict --invert`; the served model's param `invert`).")
         invert = ', "invert": false'
     pad = f", zero-pads it to {ph}×{pw}" if (ph, pw) != (h, w) else ""
-    tta = " and averages each image's logits with its mirror's (flip TTA)" if ckpt.config.get("tta_flip") else ""
+    views = [name for name, on in (("its mirror's", ckpt.config.get("tta_flip")),
+                                    ("those of the image shifted a pixel down-right and up-left",
+                                     ckpt.config.get("tta_translate"))) if on]
+    tta = f" and averages each image's logits with {' and '.join(views)} (test-time augmentation)" if views else ""
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in flatten(ckpt.params).items())
     per_class = "\n".join(f"| {row['class']} | {row['accuracy']} |" for row in evaluation.get("per_class", []))
     tested = sum(int(row['images']) for row in evaluation.get('per_class', []))

@@ -47,7 +47,7 @@ def fingerprint(params: Params, meta: dict) -> str:
     """What a resumed run must share with the checkpoint: everything that shapes the weights except
     where/how it is logged, how many processes share the work and, with a constant lr, the epoch count
     (more epochs continue the same run; a onecycle schedule is fitted to its epoch count, so there it counts)."""
-    ignored = {"device", "log_every", "nproc"} | ({"epochs"} if params.train.schedule == "constant" else set())
+    ignored = {"device", "log_every", "nproc", "val_every"} | ({"epochs"} if params.train.schedule == "constant" else set())
     keyed = {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump(exclude=ignored),
              "data": meta["sha256"]}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
@@ -162,13 +162,15 @@ def record_epochs(epochs, params: Params, meta: dict, data: dict, device: torch.
     seconds, epoch = [], None
     for epoch in epochs:
         row = epoch.row
-        print(f"epoch {row['epoch']}/{params.train.epochs}  train_loss {row['train_loss']:.4f}  val_loss "
-              f"{row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  {epoch.seconds:.1f}s  "
-              f"{epoch.images / epoch.seconds:,.0f} img/s", flush=True)
+        val = (f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
+               if row["val_accuracy"] is not None else "  (not validated: train.val_every)")
+        print(f"epoch {row['epoch']}/{params.train.epochs}  train_loss {row['train_loss']:.4f}{val}  "
+              f"{epoch.seconds:.1f}s  {epoch.images / epoch.seconds:,.0f} img/s", flush=True)
         for step, loss in epoch.losses:
             writer.add_scalar("train/loss", loss, step)
         for tag, key in (("val/loss", "val_loss"), ("val/accuracy", "val_accuracy"), ("train/epoch_loss", "train_loss")):
-            writer.add_scalar(tag, row[key], row["epoch"])
+            if row[key] is not None:
+                writer.add_scalar(tag, row[key], row["epoch"])
         tracker.log_epoch(row, epoch.seconds, epoch.images)
         save_checkpoint({**epoch.checkpoint, "fingerprint": expect, "mlflow_run_id": tracker.run_id},
                         state / CHECKPOINT.name)

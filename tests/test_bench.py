@@ -42,7 +42,10 @@ def test_benchmark_runs_every_route_with_seeds_and_writes_the_report(mirror, tmp
         assert acc["mean"] == pytest.approx(sum(r["test_accuracy"] for r in s["per_seed"]) / 2)
         for run in s["per_seed"]:
             assert run["images_per_s"] > 0 and run["peak_rss_mb"] > 100 and len(run["accuracy_per_epoch"]) == run["epochs"]
-            assert all(0 <= a <= 1 for a in run["accuracy_per_epoch"])
+            tested = run["accuracy_per_epoch"][1:] if s["route"] == "fast" else run["accuracy_per_epoch"]
+            assert all(0 <= a <= 1 for a in tested)
+            if s["route"] == "fast":  # the recipe's train.val_every: 0 tests after the last epoch only
+                assert run["accuracy_per_epoch"][0] is None
     # two seeds are two different trainings (init, order, augmentation), on the same split
     assert report["raw"]["fast"][0]["epochs"] != report["raw"]["fast"][1]["epochs"]
     assert report["raw"]["fast"][0]["epochs"][0]["images"] == 1000  # --limit
@@ -63,7 +66,7 @@ def test_benchmark_runs_every_route_with_seeds_and_writes_the_report(mirror, tmp
                                      "fast: test accuracy, mean of the seeds", "fast: test accuracy, worst seed",
                                      "fast: elapsed / reference elapsed", "evaluate: bf16 - fp32 test accuracy"}
     table = (tmp_path / "results.md").read_text()
-    assert "| reference | 2 | 2 |" in table and "| fast | 2 | 2 |" in table and "fast seed 1:" in table
+    assert "| reference | 2 | 2 |" in table and "| fast | 2 | 2 |" in table and "fast seed 1: —, " in table
     assert "| bf16 |" in table
 
 
@@ -257,6 +260,22 @@ def test_rewrite_report_recomputes_the_checks_from_the_saved_runs(tmp_path):
     assert report["checks"]["fast: test accuracy, mean of the seeds"] == "94.00% (target ≥ 94.00%): met"
     assert report["checks"]["fast: elapsed / reference elapsed"].startswith("0.42 ")
     assert "| fast | 2 | 1 |" in (tmp_path / "results.md").read_text() and "Checks:" in result.stdout
+
+
+def test_levers_sizes_scale_the_training_batches_epoch_by_epoch(monkeypatch):
+    """`benchmarks/levers.py --sizes 20,28` (progressive resizing, a row of levers.md): the loader's first pass
+    gives 20×20 training batches, the later ones the stored 28×28; validation batches keep their size."""
+    bench_module()
+    import levers
+    from stages.lib import loader
+
+    monkeypatch.setattr(loader.BatchLoader, "__iter__", loader.BatchLoader.__iter__)  # undone after the test
+    levers.patch_sizes([20, 28])
+    images, labels = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8), torch.arange(6)
+    train = loader.BatchLoader(images, labels, 4, lambda x: x.float(), seed=0, flip=True)
+    assert [x.shape[-2:] for x, _ in train] == [(20, 20)] * 2
+    assert [x.shape[-2:] for x, _ in train] == [(28, 28)] * 2
+    assert [x.shape[-2:] for x, _ in loader.BatchLoader(images, labels, 4, lambda x: x.float())] == [(28, 28)] * 2
 
 
 def test_levers_net_options_go_over_the_recipe_nets_own():

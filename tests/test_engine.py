@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import make_params
 from stages.lib.training import WeightAverage, learning_rate
-from stages.lib.nets import FastCNN, FlipAveraged, build_model, freeze_backbone, model_config
+from stages.lib.nets import FastCNN, ViewAveraged, build_model, freeze_backbone, model_config
 from stages.train import fingerprint
 
 
@@ -50,7 +50,7 @@ def test_weight_average_follows_the_weights_with_its_decay():
 def test_flip_averaging_in_eval_mode_only():
     torch.manual_seed(0)
     net = FastCNN(1, 10, [8, 16, 32], [1, 1, 1])
-    wrapped = FlipAveraged(net)
+    wrapped = ViewAveraged(net)
     x = torch.rand(3, 1, 28, 28)
     wrapped.train()
     assert torch.equal(wrapped(x), net(x))
@@ -60,12 +60,32 @@ def test_flip_averaging_in_eval_mode_only():
         assert torch.allclose(wrapped(x), wrapped(x.flip(3)), atol=1e-6)  # a mirror gets the same answer
 
 
+def test_translate_averaging_weighs_the_shifted_views_a_quarter_each():
+    torch.manual_seed(0)
+    net = FastCNN(1, 10, [8, 16, 32], [1, 1, 1]).eval()
+    x = torch.rand(3, 1, 28, 28)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    down_right, up_left = padded[:, :, :28, :28], padded[:, :, 2:, 2:]
+    assert torch.equal(down_right[:, :, 1:, 1:], x[:, :, :27, :27]) and torch.equal(up_left[:, :, :27, :27], x[:, :, 1:, 1:])
+    with torch.no_grad():
+        both = ViewAveraged(net, flip=True, translate=True).eval()(x)
+        flip = lambda v: (net(v) + net(v.flip(3))) / 2
+        assert torch.allclose(both, flip(x) / 2 + (flip(down_right) + flip(up_left)) / 4, atol=1e-6)
+        alone = ViewAveraged(net, flip=False, translate=True).eval()(x)
+        assert torch.allclose(alone, net(x) / 2 + (net(down_right) + net(up_left)) / 4, atol=1e-6)
+        assert (alone - both).abs().max() > 1e-4  # the two settings differ: the test can tell them apart
+
+
 def test_tta_flag_travels_in_the_config_and_freezing_still_finds_the_head():
     config = model_config("fast_cnn", [1, 28, 28], 10, tta_flip=True)
     assert config == {"name": "fast_cnn", "in_channels": 1, "input_size": [28, 28], "num_classes": 10,
                       "widths": [32, 64, 128], "convs": [1, 1, 2], "tta_flip": True}
     model = build_model(config)
-    assert isinstance(model, FlipAveraged) and model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert isinstance(model, ViewAveraged) and model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert (model.flip, model.translate) == (True, False)
+    translated = build_model(model_config("fast_cnn", [1, 28, 28], 10, tta_translate=True))
+    assert (translated.flip, translated.translate) == (False, True)
+    assert "tta_flip" not in model_config("fast_cnn", [1, 28, 28], 10)  # off: the config is as it always was
     freeze_backbone(model, "fast_cnn")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"net.head.weight", "net.head.bias"}
 

@@ -14,7 +14,7 @@ from conftest import make_params, run_stage
 from stages.export import export_onnx
 from stages.lib.prepared import load_split
 from stages.lib.modelfile import load_model
-from stages.lib.nets import FlipAveraged, build_model
+from stages.lib.nets import ViewAveraged, build_model
 from stages.lib.transforms import pad_images, unpad
 
 
@@ -109,13 +109,14 @@ def test_predict_preprocessing_is_training_s_bit_for_bit(trained_project):
     assert torch.allclose(probabilities.sum(1), torch.ones(50))
 
 
-def test_flip_tta_is_inside_the_onnx_graph(trained_project, tmp_path):
-    """With model.tta_flip the net averages each image's logits with its mirror's; model.onnx must too."""
+@pytest.mark.parametrize("translate", [False, True])
+def test_tta_is_inside_the_onnx_graph(trained_project, tmp_path, translate):
+    """With model.tta_flip (and tta_translate) the net averages each image's logits over its views; model.onnx must too."""
     _, ckpt = load_model(trained_project / "models/model.pt")
-    tta = dataclasses.replace(ckpt, config={**ckpt.config, "tta_flip": True},
-                              state_dict={f"net.{k}": v for k, v in ckpt.state_dict.items()})  # FlipAveraged.net
+    tta = dataclasses.replace(ckpt, config={**ckpt.config, "tta_flip": True, "tta_translate": translate},
+                              state_dict={f"net.{k}": v for k, v in ckpt.state_dict.items()})  # ViewAveraged.net
     net = tta.build()
-    assert isinstance(net, FlipAveraged)
+    assert isinstance(net, ViewAveraged) and net.translate == translate
     raw = raw_test_images(trained_project, 20)
     path = tmp_path / "tta.onnx"
     export_onnx(tta.raw_net(net), raw[:1], path, {"classes": tta.classes})
@@ -125,7 +126,13 @@ def test_flip_tta_is_inside_the_onnx_graph(trained_project, tmp_path):
     with torch.inference_mode():
         plain, mirrored = net.net(x), net.net(x.flip(3))
     assert (plain - mirrored).abs().max() > 1e-3  # the mirror changes the answer: the test can tell TTA apart
-    assert (torch.from_numpy(logits) - (plain + mirrored) / 2).abs().max() < 1e-4
+    with torch.inference_mode():
+        expected = net(x)
+    assert (torch.from_numpy(logits) - expected).abs().max() < 1e-4
+    if not translate:
+        assert torch.allclose(expected, (plain + mirrored) / 2)
+    else:  # the shifted views change the answer too
+        assert (expected - (plain + mirrored) / 2).abs().max() > 1e-3
 
 
 def test_model_card_describes_the_raw_input_and_how_to_serve(trained_project):

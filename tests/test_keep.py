@@ -98,3 +98,12 @@ def test_keep_best_with_train_on_val_is_refused_before_training(prepared_project
     result = run_stage(folder, "train")
     assert result.returncode == 2 and "set train.keep: last" in result.stderr.strip().splitlines()[-1]
     assert not (folder / "models").exists()
+
+
+@pytest.mark.parametrize("overrides", [{"keep": "best"}, {"keep": "last", "patience": 2}], ids=["best", "patience"])
+def test_keep_best_and_patience_without_every_validation_are_refused(prepared_project, tmp_path, overrides):
+    shutil.copytree(prepared_project, tmp_path / "p")
+    write_params(tmp_path / "p", {"train": {"val_every": 0, **overrides}})
+    result = run_stage(tmp_path / "p", "train")
+    assert result.returncode == 2 and "set train.val_every: 1" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "p/models").exists()

@@ -87,6 +87,18 @@ def test_resumed_run_equals_uninterrupted_run(prepared_project, overrides):
         assert torch.equal(x, y), name
 
 
+def test_val_every_skips_validation_passes_and_changes_no_weight(prepared_project):
+    meta, data = small_data(prepared_project, 200)
+    every = list(fit(make_params({"train": {"epochs": 3, "momentum": 0.9}}), meta, data, torch.device("cpu")))[-1]
+    params = make_params({"train": {"epochs": 3, "momentum": 0.9, "val_every": 2, "keep": "last"}})
+    some = list(fit(params, meta, data, torch.device("cpu")))[-1]
+    validated = [row["epoch"] for row in some.checkpoint["history"] if row["val_accuracy"] is not None]
+    assert validated == [2, 3]  # every 2nd epoch and the last
+    assert some.checkpoint["history"][0] == {**every.checkpoint["history"][0], "val_loss": None, "val_accuracy": None}
+    assert some.checkpoint["history"][1:] == every.checkpoint["history"][1:]
+    assert all(torch.equal(x, y) for x, y in zip(every.model.state_dict().values(), some.model.state_dict().values()))
+
+
 def test_constant_lr_runs_continue_with_more_epochs(prepared_project):
     """With the tutorial's constant lr, a 1-epoch run resumed to 2 epochs equals a 2-epoch run."""
     meta, data = small_data(prepared_project, 200)
@@ -108,6 +120,20 @@ def test_fast_recipe_model_file_holds_the_averaged_weights(prepared_project, tmp
     assert all(torch.equal(final["state_dict"][k], v) for k, v in ckpt["average"]["weights"].items())
     assert not torch.equal(final["state_dict"]["net.head.weight"], ckpt["state_dict"]["net.head.weight"])
     assert json.loads((tmp_path / "metrics/train.json").read_text())["val_accuracy"] > 0.25  # chance: 0.1
+
+
+def test_train_stage_validating_only_the_last_epoch(prepared_project, tmp_path):
+    shutil.copytree(prepared_project / "data", tmp_path / "data")
+    write_params(tmp_path, {"train": {"epochs": 2, "val_every": 0, "train_on_val": True, "keep": "last"},
+                            "tracking": {"enabled": False}})
+    result = run_stage(tmp_path, "train")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/2  train_loss" in result.stdout and "(not validated: train.val_every)" in result.stdout
+    with open(tmp_path / "metrics/train_history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["val_accuracy"] == "") for r in rows] == [("1", True), ("2", False)]
+    summary = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert summary["kept_epoch"] == 2 and summary["val_accuracy"] == float(rows[1]["val_accuracy"])
 
 
 def test_checkpoint_from_other_settings_is_not_resumed(prepared_project, tmp_path):

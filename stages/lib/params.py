@@ -69,6 +69,7 @@ class Model(Section):
     pretrained: bool
     freeze_backbone: bool
     tta_flip: bool
+    tta_translate: bool
 
     @field_validator("name")
     @classmethod
@@ -96,12 +97,17 @@ class Train(Section):
     train_on_val: bool
     keep: Literal["best", "last"]
     patience: int = Field(ge=0, le=100_000)
+    val_every: int = Field(ge=0, le=100_000)
 
     @model_validator(mode="after")
-    def _keep_best_needs_unseen_validation(self):
+    def _keep_best_needs_unseen_validation_every_epoch(self):
         if self.keep == "best" and self.train_on_val:
             raise ValueError("train.keep: best picks the epoch by validation accuracy, but train.train_on_val trains "
                              "on the validation images; set train.keep: last")
+        if self.val_every != 1 and (self.keep == "best" or self.patience):
+            raise ValueError(f"train.val_every: {self.val_every} validates only some epochs, but train.keep: best and "
+                             "train.patience compare every epoch's validation; set train.val_every: 1, or train.keep: "
+                             "last and train.patience: 0")
         return self
 
 

@@ -109,6 +109,12 @@ def validation_metrics(model: nn.Module, loader: BatchLoader, group: Group) -> d
     return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
+def validated(epoch: int, train) -> bool:
+    """Whether fit validates after `epoch` (1-based): every train.val_every-th epoch and the last one
+    (val_every 0: the last only). The rows of the others hold no validation metrics (None)."""
+    return epoch == train.epochs or bool(train.val_every) and epoch % train.val_every == 0
+
+
 def best_row(history: list[dict]) -> dict:
     """The epoch with the highest validation accuracy; a lower validation loss breaks a tie, then the earlier."""
     return max(history, key=lambda row: (row["val_accuracy"], -row["val_loss"]))
@@ -126,7 +132,7 @@ def cpu_state(model: nn.Module) -> dict:
 @dataclass
 class Epoch:
     """What `fit` yields after each epoch."""
-    row: dict                       # epoch, train_loss, val_loss, val_accuracy
+    row: dict                       # epoch, train_loss, val_loss, val_accuracy (None: not validated, train.val_every)
     seconds: float                  # training time of this epoch (validation not included)
     images: int                     # training images per epoch
     losses: list[tuple[int, float]]  # (SGD step, loss) every train.log_every steps, for TensorBoard
@@ -153,7 +159,8 @@ def setup(params, meta: dict, data: dict, device: torch.device, resume: dict | N
     only its head trainable with model.freeze_backbone), SGD, the weight average and the loaders."""
     train = params.train
     torch.manual_seed(params.seed)
-    config = model_config(params.model.name, meta["input_shape"], len(meta["classes"]), params.model.tta_flip)
+    config = model_config(params.model.name, meta["input_shape"], len(meta["classes"]), params.model.tta_flip,
+                          params.model.tta_translate)
     model = build_model(config, pretrained=params.model.pretrained and not resume)
     if params.model.freeze_backbone:
         freeze_backbone(model, config["name"])
@@ -224,14 +231,18 @@ def fit(params, meta: dict, data: dict, device: torch.device, resume: dict | Non
         if train_loss != train_loss or train_loss == float("inf"):
             raise PipelineError(f"training diverged (mean loss {train_loss}); lower train.lr")
         seconds = time.perf_counter() - began
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the evaluate stage uses fp32
-            val = validation_metrics(final_model, run.val_loader, group)
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
-                        "val_accuracy": round(val["accuracy"], 6)})
-        best = best_row(history)
-        if train.keep == "best" and best is history[-1]:
-            best_state = cpu_state(final_model)
-        stopped = bool(train.patience) and epoch - best["epoch"] >= train.patience
+        row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": None, "val_accuracy": None}
+        if validated(epoch, train):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the evaluate stage uses fp32
+                val = validation_metrics(final_model, run.val_loader, group)
+            row.update(val_loss=round(val["loss"], 6), val_accuracy=round(val["accuracy"], 6))
+        history.append(row)
+        stopped = False
+        if train.val_every == 1:  # keep: best and patience need every epoch's validation (params.py)
+            best = best_row(history)
+            if train.keep == "best" and best is history[-1]:
+                best_state = cpu_state(final_model)
+            stopped = bool(train.patience) and epoch - best["epoch"] >= train.patience
         checkpoint = {"format": FORMAT, "model": run.config, "state_dict": cpu_state(run.model), "epoch": epoch,
                       "history": list(history), "optimizer": run.optimizer.state_dict(), **run.loader.state_dict(),
                       "torch_rng": torch.get_rng_state(), **({"average": run.average.state_dict()} if run.average else {}),
