@@ -132,6 +132,7 @@ def make_dvc_repo(folder: Path, overrides: dict | None = None) -> Path:
     sh(folder, "git", "init", "-q")
     sh(folder, "dvc", "init", "-q")
     sh(folder, "dvc", "config", "core.analytics", "false")
+    shutil.copytree(REPO / ".dvc/plots", folder / ".dvc/plots")  # dvc.yaml's plot templates
     sh(folder, "git", "add", "-A")
     sh(folder, "git", "commit", "-qm", "pipeline")
     return folder

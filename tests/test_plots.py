@@ -117,6 +117,29 @@ def test_make_plots_draws_every_plot_as_files_and_a_page_without_scripts(repo, v
     assert sorted(drawn_plots(rendered_dom(chromium, out / "index.html", tmp_path))) == TITLES
 
 
+def y_axis_labels(spec: dict) -> list[float]:
+    """The numbers on the y axis of a Vega-Lite plot as vl-convert draws it (the second axis's labels)."""
+    import vl_convert as vlc
+
+    svg = vlc.vegalite_to_svg(spec, vl_version="5.21")
+    axis = re.findall(r"role-axis-label.*?</g>", svg, flags=re.S)[1]
+    return [float(t) for t in re.findall(r">(\d+\.\d+)</text>", axis)]
+
+
+def test_epochs_without_validation_are_gaps_in_the_curves_not_zeros(vl_convert, tmp_path):
+    """train.val_every leaves an epoch's val_* cells blank in train_history.csv; the loss and accuracy plots
+    (template linear_gaps) skip them, where DVC's linear template would draw them as 0."""
+    folder = make_dvc_repo(tmp_path / "gaps")
+    (folder / "metrics").mkdir()
+    (folder / "metrics/train_history.csv").write_text(
+        "epoch,train_loss,val_loss,val_accuracy\n1,0.9,,\n2,0.7,0.6,0.8\n3,0.6,0.5,0.85\n")
+    shown = json.loads(sh(folder, "dvc", "plots", "show", "--json", stdout_only=True))["data"]
+    for name, low in (("loss", 0.5), ("accuracy", 0.8)):
+        assert min(y_axis_labels(shown[name][0]["content"])) >= low - 0.1, name  # a 0 would stretch the axis to 0
+    unfiltered = {**shown["accuracy"][0]["content"], "transform": []}  # DVC's own template: the test can tell
+    assert min(y_axis_labels(unfiltered)) < 0.1
+
+
 def test_the_template_inlines_the_libraries_and_leaves_dvc_its_placeholders(offline_template):
     page = offline_template.read_text()
     assert page.count("<script>") == 2 and "{plot_divs}" in page and "{refresh_tag}" in page
