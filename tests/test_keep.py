@@ -21,6 +21,7 @@ def test_best_row_prefers_accuracy_then_loss_then_the_earlier_epoch():
             {"epoch": 3, "val_accuracy": 0.7, "val_loss": 0.8}, {"epoch": 4, "val_accuracy": 0.7, "val_loss": 0.8},
             {"epoch": 5, "val_accuracy": 0.6, "val_loss": 0.5}]
     assert best_row(rows)["epoch"] == 3
+    assert best_row([{"epoch": 1, "val_accuracy": None, "val_loss": None}, *rows[:2]])["epoch"] == 2  # train.val_every
     assert kept_row(rows, "best")["epoch"] == 3 and kept_row(rows, "last")["epoch"] == 5
 
 

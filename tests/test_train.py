@@ -99,6 +99,18 @@ def test_val_every_skips_validation_passes_and_changes_no_weight(prepared_projec
     assert all(torch.equal(x, y) for x, y in zip(every.model.state_dict().values(), some.model.state_dict().values()))
 
 
+def test_a_run_resumed_with_another_val_every_goes_on(prepared_project):
+    """train.val_every is not part of the resume fingerprint: a run stopped after unvalidated epochs resumes
+    with validation after every epoch, and its earlier rows stay as they were."""
+    meta, data = small_data(prepared_project, 200)
+    base = {"epochs": 3, "momentum": 0.9, "keep": "last"}
+    first = next(iter(fit(make_params({"train": {**base, "val_every": 0}}), meta, data, torch.device("cpu"))))
+    params = make_params({"train": {**base, "val_every": 1}})
+    assert fingerprint(params, meta) == fingerprint(make_params({"train": {**base, "val_every": 0}}), meta)
+    rows = list(fit(params, meta, data, torch.device("cpu"), resume=first.checkpoint))[-1].checkpoint["history"]
+    assert [row["val_accuracy"] is None for row in rows] == [True, False, False]
+
+
 def test_constant_lr_runs_continue_with_more_epochs(prepared_project):
     """With the tutorial's constant lr, a 1-epoch run resumed to 2 epochs equals a 2-epoch run."""
     meta, data = small_data(prepared_project, 200)

@@ -116,8 +116,10 @@ def validated(epoch: int, train) -> bool:
 
 
 def best_row(history: list[dict]) -> dict:
-    """The epoch with the highest validation accuracy; a lower validation loss breaks a tie, then the earlier."""
-    return max(history, key=lambda row: (row["val_accuracy"], -row["val_loss"]))
+    """The validated epoch with the highest validation accuracy; a lower validation loss breaks a tie, then the
+    earlier."""
+    return max((row for row in history if row["val_accuracy"] is not None),
+               key=lambda row: (row["val_accuracy"], -row["val_loss"]))
 
 
 def kept_row(history: list[dict], keep: str) -> dict:
@@ -238,7 +240,7 @@ def fit(params, meta: dict, data: dict, device: torch.device, resume: dict | Non
             row.update(val_loss=round(val["loss"], 6), val_accuracy=round(val["accuracy"], 6))
         history.append(row)
         stopped = False
-        if train.val_every == 1:  # keep: best and patience need every epoch's validation (params.py)
+        if train.keep == "best" or train.patience:  # both need every epoch validated (train.val_every 1, params.py)
             best = best_row(history)
             if train.keep == "best" and best is history[-1]:
                 best_state = cpu_state(final_model)
