@@ -53,19 +53,24 @@ run: setup $(PLOTS_TEMPLATE)
 	@echo "Classify an image: $(PY) -m tools.predict IMAGE"
 	@echo "Compare runs in MLflow: make ui"
 
-# pytest-xdist: a worker per core (TEST_JOBS=1 runs them one at a time), a test file per worker so that its
-# module fixtures are built once, the files in tests/conftest.py's order (longest first); the 15 slowest tests
-# are listed at the end.
+# pytest-xdist: a worker per core (TEST_JOBS=1 runs them one at a time; 3 workers on 2 cores ran slower), a test
+# file per worker so that its module fixtures are built once, the files in tests/conftest.py's order (longest
+# first); the 15 slowest tests are listed at the end. The tests' folders go to memory (/dev/shm) where it has
+# 8 GiB free: the suite's DVC repositories, caches and MLflow stores otherwise wait on the disk. A passing run
+# removes them; a failing one leaves them there to look at (pytest clears the folder when it next starts).
 TEST_JOBS ?= auto
-TEST_ARGS = -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --timeout 1200
+TEST_TMP ?= $(shell df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 && $$4 > 8 * 1024 * 1024 {print "/dev/shm/tudui-tests"}')
+TEST_ARGS = -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --timeout 1200 $(if $(TEST_TMP),--basetemp $(TEST_TMP))
 test: setup $(PLOTS_TEMPLATE)
 	$(PY) -m pytest $(TEST_ARGS) --durations=15
+	$(if $(TEST_TMP),rm -rf $(TEST_TMP))
 
 # Unit tests and one small end-to-end run (download -> export on 600 images), without servers or DVC repos.
 FAST_TESTS := tests/test_params.py tests/test_stage_deps.py tests/test_engine.py tests/test_models.py \
 	tests/test_archives.py tests/test_train.py tests/test_evaluate_export.py
 test-fast: setup
 	$(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS)
+	$(if $(TEST_TMP),rm -rf $(TEST_TMP))
 
 # The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run, into
 # benchmarks/results/<machine kind>/ (cpu-bf16-2core, cpu-avx2-2core, gpu-h200: each kind keeps its own), every
