@@ -19,8 +19,9 @@ is its own:
 Every Fashion-MNIST route trains on the same 55,000 images (the project's validation split, seed 0, is
 held out) unless its recipe sets train.train_on_val (then all 60,000), and is tested on the 10,000 test
 images after every epoch (with train.val_every in its recipe: after those epochs and the last, "—" for the
-others). Elapsed times are wall-clock seconds of training plus those test passes; speeds count training only. Each route runs with seeds 0..N-1 (--seeds: weight init, batch
-order, augmentation; the split stays seed 0's); the table gives mean ± standard deviation over them.
+others). Elapsed times are wall-clock seconds of training plus those test passes; speeds count training
+only. Each route runs with seeds 0..N-1 (--seeds: weight init, batch order, augmentation; the split stays
+seed 0's); the table gives mean ± standard deviation over them.
 After the fast recipe's last epoch its final model is also evaluated as the evaluate stage does, in
 float32 and in bfloat16, to compare their accuracy and time. results.json and results.md in --out are
 rewritten after every finished run, so an interrupted benchmark keeps what it measured.
@@ -613,7 +614,8 @@ def main() -> None:
             sys.exit(f"{route} seed {seed} failed:\n{out.stderr}")
         results.setdefault(route, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
         run = results[route][-1]
-        print(f"  {[r['test_accuracy'] and round(r['test_accuracy'], 4) for r in run['epochs']]} "
+        tested = [None if r["test_accuracy"] is None else round(r["test_accuracy"], 4) for r in run["epochs"]]
+        print(f"  {tested} "
               f"{sum(r['elapsed_seconds'] for r in run['epochs']):.1f} s", flush=True)
         table = write_report(results, notes, machine + f", after {os.getloadavg()[0]:.1f}", args.out)
     print(table)

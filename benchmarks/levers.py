@@ -1,11 +1,13 @@
 """Levers of the fast recipe, measured before they go into a recipe or the training code
 (benchmarks/results/<machine kind>/levers.md has what each gained or cost):
 
-    python benchmarks/levers.py [--set KEY=VALUE ...] [--seed 0] [--threads 1] [--cutout N] [--net-options JSON]
+    python benchmarks/levers.py [--set KEY=VALUE ...] [--seed 0] [--threads 1] [--cutout N] [--sizes 20,...,28]
+                                [--net-options JSON]
     python benchmarks/levers.py --compile-probe fast_cnn6 [--precision bf16|fp32] [--batch-size 128] [--net-options JSON]
 
 The first trains the fast recipe (benchmarks/fast_recipe.yaml, --set on top) through the project's own `fit`,
-optionally with cutout patched into the loader's augmentation or the net's options changed (--net-options
+optionally with cutout patched into the loader's augmentation, progressive resizing (--sizes: the training
+images' side epoch by epoch) or the net's options changed (--net-options
 '{"widths": [48, 96, 192]}' or '{"identity_init": false}' over those of the recipe's net in stages/lib/nets.py),
 and then tests its final model under several test-time augmentations (plain, flip, flip + translate by one
 pixel). The second times one net's SGD steps and inference eagerly and under torch.compile (inductor), compile
