@@ -65,15 +65,15 @@ TEST_RUN := $(shell echo $$PPID)
 TEST_TMP = $(if $(filter 1,$(TEST_SHM)),$(shell df -Pk /dev/shm 2>/dev/null | \
 	awk 'NR == 2 && $$4 > 8 * 1024 * 1024 {print "/dev/shm/tudui-tests-$(TEST_RUN)"}'))
 TEST_ARGS = -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --timeout 1200 $(if $(TEST_TMP),--basetemp $(TEST_TMP))
+TEST_CLEANUP = status=$$?; $(if $(TEST_TMP),rm -rf $(TEST_TMP);) exit $$status
 test: setup $(PLOTS_TEMPLATE)
-	$(PY) -m pytest $(TEST_ARGS) --durations=15; status=$$?; $(if $(TEST_TMP),rm -rf $(TEST_TMP);) exit $$status
+	$(PY) -m pytest $(TEST_ARGS) --durations=15; $(TEST_CLEANUP)
 
 # Unit tests and one small end-to-end run (download -> export on 600 images), without servers or DVC repos.
 FAST_TESTS := tests/test_params.py tests/test_stage_deps.py tests/test_engine.py tests/test_models.py \
 	tests/test_archives.py tests/test_train.py tests/test_evaluate_export.py
 test-fast: setup
-	$(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS); status=$$?; \
-	$(if $(TEST_TMP),rm -rf $(TEST_TMP);) exit $$status
+	$(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS); $(TEST_CLEANUP)
 
 # The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run, into
 # benchmarks/results/<machine kind>/ (cpu-bf16-2core, cpu-avx2-2core, gpu-h200: each kind keeps its own), every

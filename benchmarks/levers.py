@@ -89,20 +89,21 @@ def shift(x, dy, dx):
 
 @torch.inference_mode()
 def tta_scores(model, test, meta, params, bf16):
+    from stages.lib.nets import ViewAveraged
     from stages.lib.transforms import Preprocess
 
     net = model.net if hasattr(model, "net") else model
     net.eval()
+    flip, flip_translate = ViewAveraged(net).eval(), ViewAveraged(net, translate=True).eval()  # the model's own TTA
     shape = meta["input_shape"][1:]
     norm = Preprocess(shape, shape, meta["mean"], meta["std"])
     x, y = test
     views = {
         "plain": lambda b: net(b),
-        "flip": lambda b: (net(b) + net(b.flip(3))) / 2,
-        "flip+translate": lambda b: 0.5 * (net(b) + net(b.flip(3))) / 2 + 0.25 * sum(
-            (net(s) + net(s.flip(3))) / 2 for s in (shift(b, 1, 1), shift(b, -1, -1))),
-        "flip+translate4": lambda b: 0.5 * (net(b) + net(b.flip(3))) / 2 + 0.125 * sum(
-            (net(s) + net(s.flip(3))) / 2 for s in (shift(b, 1, 0), shift(b, -1, 0), shift(b, 0, 1), shift(b, 0, -1))),
+        "flip": flip,
+        "flip+translate": flip_translate,
+        "flip+translate4": lambda b: 0.5 * flip(b) + 0.125 * sum(
+            flip(s) for s in (shift(b, 1, 0), shift(b, -1, 0), shift(b, 0, 1), shift(b, 0, -1))),
     }
     out = {}
     for name, f in views.items():
