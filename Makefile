@@ -57,23 +57,24 @@ run: setup $(PLOTS_TEMPLATE)
 # file per worker so that its module fixtures are built once, the files in tests/conftest.py's order (longest
 # first); the 15 slowest tests are listed at the end. The tests' folders (DVC repositories, caches, MLflow
 # stores, which otherwise wait on the disk) go to memory, a folder of this make's own in /dev/shm where it has
-# 8 GiB free, removed when pytest ends, passed or failed; TEST_SHM=0 leaves them to pytest under /tmp, where
-# the last three runs' folders stay to look at.
+# 8 GiB free, removed when pytest ends, passed, failed or stopped by Ctrl-C; TEST_SHM=0 leaves them to pytest
+# under /tmp, where the last three runs' folders stay to look at.
 TEST_JOBS ?= auto
 TEST_SHM ?= 1
 TEST_RUN := $(shell echo $$PPID)
 TEST_TMP = $(if $(filter 1,$(TEST_SHM)),$(shell df -Pk /dev/shm 2>/dev/null | \
 	awk 'NR == 2 && $$4 > 8 * 1024 * 1024 {print "/dev/shm/tudui-tests-$(TEST_RUN)"}'))
 TEST_ARGS = -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --timeout 1200 $(if $(TEST_TMP),--basetemp $(TEST_TMP))
-TEST_CLEANUP = status=$$?; $(if $(TEST_TMP),rm -rf $(TEST_TMP);) exit $$status
+# the shell removes the folder as it exits (pytest's exit status stays its own), also after Ctrl-C or a kill
+TEST_CLEANUP = $(if $(TEST_TMP),trap 'rm -rf $(TEST_TMP)' EXIT; trap 'exit 130' INT; trap 'exit 143' TERM HUP;)
 test: setup $(PLOTS_TEMPLATE)
-	$(PY) -m pytest $(TEST_ARGS) --durations=15; $(TEST_CLEANUP)
+	$(TEST_CLEANUP) $(PY) -m pytest $(TEST_ARGS) --durations=15
 
 # Unit tests and one small end-to-end run (download -> export on 600 images), without servers or DVC repos.
 FAST_TESTS := tests/test_params.py tests/test_stage_deps.py tests/test_engine.py tests/test_models.py \
 	tests/test_archives.py tests/test_train.py tests/test_evaluate_export.py
 test-fast: setup
-	$(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS); $(TEST_CLEANUP)
+	$(TEST_CLEANUP) $(PY) -m pytest $(TEST_ARGS) -m "not slow" --durations=5 $(FAST_TESTS)
 
 # The tutorial's loop vs the train stage vs the fast recipes, 3 seeds each, in one run, into
 # benchmarks/results/<machine kind>/ (cpu-bf16-2core, cpu-avx2-2core, gpu-h200: each kind keeps its own), every
