@@ -2,13 +2,14 @@
 (benchmarks/results/<machine kind>/levers.md has what each gained or cost):
 
     python benchmarks/levers.py [--set KEY=VALUE ...] [--seed 0] [--threads 1] [--cutout N] [--sizes 20,...,28]
-                                [--net-options JSON]
+                                [--net-options JSON] [--whiten-trained]
     python benchmarks/levers.py --compile-probe fast_cnn6 [--precision bf16|fp32] [--batch-size 128] [--net-options JSON]
 
 The first trains the fast recipe (benchmarks/fast_recipe.yaml, --set on top) through the project's own `fit`,
 optionally with cutout patched into the loader's augmentation, progressive resizing (--sizes: the training
-images' side epoch by epoch) or the net's options changed (--net-options
-'{"widths": [48, 96, 192]}' or '{"identity_init": false}' over those of the recipe's net in stages/lib/nets.py),
+images' side epoch by epoch), the net's options changed (--net-options
+'{"widths": [48, 96, 192]}' or '{"identity_init": false}' over those of the recipe's net in stages/lib/nets.py)
+or its first conv whitening and then trained on (--whiten-trained; `--set model.whiten=true` keeps it fixed),
 and then tests its final model under several test-time augmentations (plain, flip, flip + translate by one
 pixel). The second times one net's SGD steps and inference eagerly and under torch.compile (inductor), compile
 time included. Both print one JSON line; times are CPU seconds of this process (time.process_time) besides wall
@@ -70,6 +71,19 @@ def patch_sizes(sizes: list[int]) -> None:
             yield images, labels
 
     loader.BatchLoader.__iter__ = __iter__
+
+
+def patch_whiten_trained() -> None:
+    """model.whiten, but the first conv is trained on from its whitening start instead of kept fixed."""
+    from stages.lib import training
+
+    whiten = training.whiten_first_conv
+
+    def whiten_then_train(model, name, images):
+        whiten(model, name, images)
+        (model.net if hasattr(model, "net") else model).features[0].requires_grad_(True)
+
+    training.whiten_first_conv = whiten_then_train
 
 
 def patch_net_options(name: str, changes: dict) -> None:
@@ -175,6 +189,7 @@ def main():
     p.add_argument("--sizes", type=lambda t: [int(v) for v in t.split(",")], default=[],
                    help="progressive resizing: the training images' side per epoch, e.g. 20,20,24,28")
     p.add_argument("--net-options", type=json.loads, default={}, help="JSON over the recipe's net's options")
+    p.add_argument("--whiten-trained", action="store_true", help="model.whiten, the first conv trained on")
     p.add_argument("--recipe", default="fast")
     p.add_argument("--raw", default="/usr/share/datasets/fashion-mnist")
     a = p.parse_args()
@@ -194,9 +209,11 @@ def main():
 
     if a.recipe != "fast":
         bench.PRESETS[a.recipe] = a.recipe
-    params = bench.project_params(a.recipe, None, a.seed, "cpu", a.set)
+    params = bench.project_params(a.recipe, None, a.seed, "cpu", a.set + ["model.whiten=true"] * a.whiten_trained)
     if a.net_options:
         patch_net_options(params.model.name, a.net_options)
+    if a.whiten_trained:
+        patch_whiten_trained()
     args = argparse.Namespace(limit=0, test_limit=0)
     data, meta = bench.prepared(params, args, Path(a.raw))
     rows, t0, c0 = [], time.perf_counter(), time.process_time()
@@ -206,7 +223,8 @@ def main():
                      "train_s": round(epoch.seconds, 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     bf16 = use_bf16(params.train.precision, torch.device("cpu"))
-    print(json.dumps({"set": a.set, "cutout": a.cutout, "sizes": a.sizes, "net_options": a.net_options, "seed": a.seed, "epochs": rows,
+    print(json.dumps({"set": a.set, "cutout": a.cutout, "sizes": a.sizes, "net_options": a.net_options,
+                      "whiten_trained": a.whiten_trained, "seed": a.seed, "epochs": rows,
                       "tta": tta_scores(epoch.model, data["val"], meta, params, bf16)}))
 
 

@@ -65,7 +65,7 @@ def test_training_learns(prepared_project):
     assert history[-1]["val_accuracy"] > 0.5  # chance is 0.1
 
 
-FAST = {"model": {"name": "fast_cnn", "tta_flip": True},
+FAST = {"model": {"name": "fast_cnn", "tta_flip": True, "whiten": True},
         "train": {"schedule": "onecycle", "momentum": 0.9, "nesterov": True, "label_smoothing": 0.1, "ema": 0.9,
                   "lr": 0.02}}
 
@@ -85,6 +85,20 @@ def test_resumed_run_equals_uninterrupted_run(prepared_project, overrides):
     assert len(b) == 1 and b[-1].checkpoint["history"] == a.checkpoint["history"]
     for (name, x), y in zip(a.model.state_dict().items(), b[-1].model.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_whitened_first_conv_is_the_training_images_whitening_and_stays_so(prepared_project):
+    from stages.lib.nets import WHITEN_IMAGES, whitening_filters
+    from stages.lib.transforms import Preprocess
+
+    meta, data = small_data(prepared_project, 200)
+    last = list(fit(make_params(merge(FAST, {"train": {"epochs": 2}})), meta, data, torch.device("cpu")))[-1]
+    shape = meta["input_shape"][1:]
+    images = Preprocess(shape, shape, meta["mean"], meta["std"])(data["train"][0][:WHITEN_IMAGES])
+    conv = last.model.net.features[0]
+    assert not conv.weight.requires_grad
+    assert torch.equal(conv.weight[:18], whitening_filters(images))  # 2 epochs of SGD left it as it started
+    assert last.checkpoint["history"][-1]["val_accuracy"] > 0.3  # the net above it learned (chance is 0.1)
 
 
 def test_val_every_skips_validation_passes_and_changes_no_weight(prepared_project):

@@ -70,6 +70,7 @@ class Model(Section):
     freeze_backbone: bool
     tta_flip: bool
     tta_translate: bool
+    whiten: bool
 
     @field_validator("name")
     @classmethod

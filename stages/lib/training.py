@@ -24,7 +24,7 @@ from stages.lib.distributed import SINGLE, Group
 from stages.lib.errors import PipelineError
 from stages.lib.loader import BatchLoader
 from stages.lib.modelfile import FORMAT
-from stages.lib.nets import build_model, freeze_backbone, model_config
+from stages.lib.nets import WHITEN_IMAGES, build_model, freeze_backbone, model_config, whiten_first_conv
 from stages.lib.transforms import Preprocess
 
 VAL_BATCH = 1000  # validation images per forward pass
@@ -158,7 +158,8 @@ class Setup:
 
 def setup(params, meta: dict, data: dict, device: torch.device, resume: dict | None, group: Group) -> Setup:
     """The net (ImageNet weights when model.pretrained, unless resuming: the checkpoint has all weights;
-    only its head trainable with model.freeze_backbone), SGD, the weight average and the loaders."""
+    only its head trainable with model.freeze_backbone; its first conv fixed to patch whitening with
+    model.whiten), SGD, the weight average and the loaders."""
     train = params.train
     torch.manual_seed(params.seed)
     config = model_config(params.model.name, meta["input_shape"], len(meta["classes"]), params.model.tta_flip,
@@ -166,12 +167,14 @@ def setup(params, meta: dict, data: dict, device: torch.device, resume: dict | N
     model = build_model(config, pretrained=params.model.pretrained and not resume)
     if params.model.freeze_backbone:
         freeze_backbone(model, config["name"])
-    model = model.to(device).to(memory_format=torch.channels_last)
+    shape = meta["input_shape"][1:]  # the stored splits are padded already
+    normalize = Preprocess(shape, shape, meta["mean"], meta["std"])
+    if params.model.whiten:  # on the CPU, where the images and the fresh net are
+        whiten_first_conv(model, config["name"], None if resume else normalize(data["train"][0][:WHITEN_IMAGES]))
+    model, normalize = model.to(device).to(memory_format=torch.channels_last), normalize.to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=train.lr,
                                 momentum=train.momentum, nesterov=train.nesterov, weight_decay=train.weight_decay)
     average = WeightAverage(model, train.ema) if train.ema else None
-    shape = meta["input_shape"][1:]  # the stored splits are padded already
-    normalize = Preprocess(shape, shape, meta["mean"], meta["std"]).to(device)
     loader = BatchLoader(*data["train"], train.batch_size, normalize, seed=params.seed, crop=train.augment_crop,
                          flip=train.augment_flip, group=group)
     val_x, val_y = data["val"]
