@@ -295,3 +295,18 @@ def test_levers_net_options_go_over_the_recipe_nets_own():
     finally:
         nets.MODELS["fast_cnn6"] = saved
     assert nets.model_config("fast_cnn6", [1, 28, 28], 10)["widths"] == [32, 64, 128]
+
+
+def test_levers_whiten_trained_trains_the_whitened_first_conv(monkeypatch):
+    """`benchmarks/levers.py --whiten-trained` (a row of levers.md): model.whiten's filters, then trained on."""
+    bench_module()
+    import levers
+    from stages.lib import nets, training
+
+    monkeypatch.setattr(training, "whiten_first_conv", training.whiten_first_conv)  # undone after the test
+    levers.patch_whiten_trained()
+    images = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model = nets.build_model(nets.model_config("fast_cnn6", [1, 28, 28], 10, tta_flip=True))
+    training.whiten_first_conv(model, "fast_cnn6", images)
+    assert torch.equal(model.net.features[0].weight[:18], nets.whitening_filters(images))
+    assert model.net.features[0].weight.requires_grad
