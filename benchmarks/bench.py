@@ -615,8 +615,7 @@ def main() -> None:
         results.setdefault(route, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
         run = results[route][-1]
         tested = [None if r["test_accuracy"] is None else round(r["test_accuracy"], 4) for r in run["epochs"]]
-        print(f"  {tested} "
-              f"{sum(r['elapsed_seconds'] for r in run['epochs']):.1f} s", flush=True)
+        print(f"  {tested} {sum(r['elapsed_seconds'] for r in run['epochs']):.1f} s", flush=True)
         table = write_report(results, notes, machine + f", after {os.getloadavg()[0]:.1f}", args.out)
     print(table)
 

@@ -76,12 +76,13 @@ def patch_sizes(sizes: list[int]) -> None:
 def patch_whiten_trained() -> None:
     """model.whiten, but the first conv is trained on from its whitening start instead of kept fixed."""
     from stages.lib import training
+    from stages.lib.nets import plain_net
 
     whiten = training.whiten_first_conv
 
     def whiten_then_train(model, name, images):
         whiten(model, name, images)
-        (model.net if hasattr(model, "net") else model).features[0].requires_grad_(True)
+        plain_net(model).features[0].requires_grad_(True)
 
     training.whiten_first_conv = whiten_then_train
 
@@ -103,10 +104,10 @@ def shift(x, dy, dx):
 
 @torch.inference_mode()
 def tta_scores(model, test, meta, params, bf16):
-    from stages.lib.nets import ViewAveraged
+    from stages.lib.nets import ViewAveraged, plain_net
     from stages.lib.transforms import Preprocess
 
-    net = model.net if hasattr(model, "net") else model
+    net = plain_net(model)
     net.eval()
     flip, flip_translate = ViewAveraged(net).eval(), ViewAveraged(net, translate=True).eval()  # the model's own TTA
     shape = meta["input_shape"][1:]

@@ -48,23 +48,23 @@ def test_whitening_filters_decorrelate_the_patches_and_fit_the_first_conv():
     images = torch.randn(64, 1, 28, 28, generator=generator)
     images[..., 1:] += images[..., :-1].clone()  # neighbouring pixels correlated, as in real images
     filters = whitening_filters(images)
-    assert filters.shape == (18, 1, 3, 3) and torch.equal(filters[9:], -filters[:9])
+    assert filters.shape == (9, 1, 3, 3)
     patches = torch.nn.functional.unfold(images, 3, padding=1)  # 64 × 9 × 784
-    features = torch.einsum("fk,nkp->fnp", filters[:9].reshape(9, 9), patches).reshape(9, -1)
+    features = torch.einsum("fk,nkp->fnp", filters.reshape(9, 9), patches).reshape(9, -1)
     assert torch.allclose(torch.cov(features), torch.eye(9), atol=0.01)  # unit variance, uncorrelated
 
-    # fast_cnn6's first conv has 32 outputs: the 18 filters, the other 14 stay as initialised
+    # fast_cnn6's first conv has 32 outputs: the 9 filters and their negatives, the other 14 stay as initialised
     model = build_model(model_config("fast_cnn6", [1, 28, 28], 10, tta_flip=True))
     untouched = model.net.features[0].weight[18:].clone()
     whiten_first_conv(model, "fast_cnn6", images)
     conv = model.net.features[0]
-    assert torch.equal(conv.weight[:18], filters) and torch.equal(conv.weight[18:], untouched)
+    assert torch.equal(conv.weight[:18], torch.cat([filters, -filters])) and torch.equal(conv.weight[18:], untouched)
     assert not conv.weight.requires_grad and model.net.head.weight.requires_grad
     # fast_cnn_small's has 16: the 8 largest-variance directions and their negatives
     small = build_model(model_config("fast_cnn_small", [1, 28, 28], 10))
     whiten_first_conv(small, "fast_cnn_small", images)
     assert torch.equal(small.features[0].weight[:8], filters[1:9])
-    assert torch.equal(small.features[0].weight[8:], filters[10:])
+    assert torch.equal(small.features[0].weight[8:], -filters[1:9])
 
     with pytest.raises(PipelineError, match=r"^model.whiten: true needs .*fast_cnn6.*; cifar10_quick is not one$"):
         whiten_first_conv(build_model(model_config("cifar10_quick", [1, 32, 32], 10)), "cifar10_quick", images)

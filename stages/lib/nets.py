@@ -262,12 +262,16 @@ def build_model(config: dict, pretrained: bool = False) -> nn.Module:
     return ViewAveraged(net, flip, translate) if flip or translate else net
 
 
+def plain_net(model: nn.Module) -> nn.Module:
+    """The net itself, without the test-time augmentation build_model may wrap it in."""
+    return model.net if isinstance(model, ViewAveraged) else model
+
+
 def freeze_backbone(model: nn.Module, name: str) -> None:
     """Leave requires_grad only in the replaced last layer (BatchNorm running statistics still update in
     train mode, as in the PyTorch transfer-learning tutorial)."""
     model.requires_grad_(False)
-    net = model.net if isinstance(model, ViewAveraged) else model
-    net.get_submodule(MODELS[name].head).requires_grad_(True)
+    plain_net(model).get_submodule(MODELS[name].head).requires_grad_(True)
 
 
 WHITEN_IMAGES = 10_000  # training images whose 3×3 patches give the whitening filters (sorted order: no sampling)
@@ -276,36 +280,31 @@ WHITEN_EPS = 5e-4       # added to each patch variance: keeps the noisiest direc
 
 def whitening_filters(images: torch.Tensor) -> torch.Tensor:
     """airbench's patch-whitening filters for normalized N×C×H×W `images`: the eigenvectors of the covariance
-    of their 3×3 patches (ascending eigenvalue), each divided by sqrt(eigenvalue + WHITEN_EPS), then their
-    negatives (the ReLU after them keeps both signs): 2·9·C filters of shape C×3×3."""
+    of their 3×3 patches, in ascending order of eigenvalue, each divided by sqrt(eigenvalue + WHITEN_EPS):
+    9·C filters of shape C×3×3."""
     channels, count, total, outer = images.shape[1], 0, 0, 0
     for chunk in images.split(1000):  # the patches of 10,000 images would take ~0.6 GB at once
-        patches = nn.functional.unfold(chunk.float(), 3, padding=1).transpose(1, 2).reshape(-1, 9 * channels)
-        patches = patches.double()
+        patches = nn.functional.unfold(chunk.double(), 3, padding=1).transpose(1, 2).reshape(-1, 9 * channels)
         count, total, outer = count + len(patches), total + patches.sum(0), outer + patches.T @ patches
     mean = total / count
     covariance = (outer - count * torch.outer(mean, mean)) / (count - 1)
     values, vectors = torch.linalg.eigh(covariance)
-    w = (vectors.T / torch.sqrt(values + WHITEN_EPS)[:, None]).float().reshape(-1, channels, 3, 3)
-    return torch.cat([w, -w])
+    return (vectors.T / torch.sqrt(values + WHITEN_EPS)[:, None]).float().reshape(-1, channels, 3, 3)
 
 
 def whiten_first_conv(model: nn.Module, name: str, images: torch.Tensor | None) -> None:
     """model.whiten: the first conv of a fast_cnn net starts as patch whitening of the training `images`
-    (whitening_filters; as many of the largest-variance directions, with their negatives, as its outputs
-    hold; the rest stay random) and is not trained, as in airbench. `images` None (resuming): the weights come
-    from the checkpoint, only the freezing is done."""
+    (whitening_filters: as many of the largest-variance ones as half its outputs hold, then their negatives,
+    which the ReLU after them needs to keep both signs; the rest stay random) and is not trained, as in
+    airbench. `images` None (resuming): the weights come from the checkpoint, only the freezing is done."""
     if MODELS[name].build is not fast_cnn:
         fitting = [n for n, entry in MODELS.items() if entry.build is fast_cnn]
         raise PipelineError(f"model.whiten: true needs a net whose first layer is a 3×3 conv ({', '.join(fitting)}); "
                             f"{name} is not one")
-    net = model.net if isinstance(model, ViewAveraged) else model
-    conv = net.features[0]
+    conv = plain_net(model).features[0]
     if images is not None:
         filters = whitening_filters(images)
-        keep = min(len(filters), conv.out_channels) // 2
-        half = len(filters) // 2
+        filters = filters[len(filters) - min(len(filters), conv.out_channels // 2):]
         with torch.no_grad():
-            conv.weight[:keep] = filters[half - keep:half]
-            conv.weight[keep:2 * keep] = filters[2 * half - keep:]
+            conv.weight[:2 * len(filters)] = torch.cat([filters, -filters])
     conv.requires_grad_(False)
